@@ -1,0 +1,33 @@
+# Two set-up commands: `make demo` (the main job) and `make test` (the whole test suite).
+# Both create or reuse a virtual environment in the checkout and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install test test-fast lint demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU torch wheel; an unpinned torch would pull a several-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check peft_masm recipes tests benchmarks
+
+demo: $(STAMP)
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 recipes/train.py --config recipes/configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

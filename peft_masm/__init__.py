@@ -1,0 +1,1 @@
+"""MASM for PEFT."""
