@@ -173,10 +173,11 @@ def _stop(proc: subprocess.Popen) -> None:
 def use_hub(monkeypatch, *, endpoint: str | None = None, cache_dir: str | Path | None = None,
             offline: bool | None = None) -> None:
     """Point huggingface_hub (in this process) at ``endpoint`` / ``cache_dir`` / offline mode, undone after the test."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants, hf_api
 
     if endpoint is not None:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(hf_api.api, "endpoint", endpoint)  # the module-level HfApi behind file_exists & co.
         monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
     if cache_dir is not None:
