@@ -1,0 +1,236 @@
+"""Synthetic forgery families: real face crop -> (fake image, blend mask).
+
+Every family has the same signature::
+
+    fn(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None)
+        -> tuple[np.ndarray, np.ndarray]   # fake (H,W,3) uint8, mask (H,W) float32 in [0,1]
+
+The mask is the soft region that was altered (0 = untouched). Results depend only on the inputs
+and ``rng``, so a seeded generator reproduces them. ``FAMILIES`` maps names to functions.
+Faces are assumed to be centred crops (as :class:`peft_masm.data.faces.FaceCropper` makes), so the
+altered region is a jittered, feathered ellipse over the inner face.
+
+Run ``python -m peft_masm.data.forgeries sheet --out sheet.png`` for a picture sheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+__all__ = ["FAMILIES", "Forgery", "face_mask", "self_blend", "colour_swap", "gan_upsample",
+           "double_jpeg", "denoise_renoise", "spectral_peaks", "draw_sheet"]
+
+Forgery = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+def _check(face: np.ndarray) -> np.ndarray:
+    if not isinstance(face, np.ndarray) or face.ndim != 3 or face.shape[2] != 3 or face.dtype != np.uint8:
+        got = getattr(face, "shape", type(face).__name__), getattr(face, "dtype", "")
+        raise ValueError(f"face must be an (H, W, 3) uint8 RGB array, got {got}; "
+                         "use peft_masm.data.io.to_rgb_uint8 first")
+    if min(face.shape[:2]) < 16:
+        raise ValueError(f"face of {face.shape[:2]} is too small to forge (need at least 16x16)")
+    return face
+
+
+def face_mask(shape: tuple[int, int], rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """A jittered, feathered ellipse over the inner face of a centred crop (float32 in [0,1])."""
+    h, w = shape
+    cx = w * (0.5 + rng.uniform(-0.03, 0.03))
+    cy = h * (0.55 + rng.uniform(-0.03, 0.03))
+    ax = w * rng.uniform(0.22, 0.30) * scale
+    ay = h * rng.uniform(0.28, 0.36) * scale
+    angle = rng.uniform(-10, 10)
+    mask = np.zeros((h, w), np.float32)
+    cv2.ellipse(mask, (int(cx), int(cy)), (max(int(ax), 2), max(int(ay), 2)), angle, 0, 360, 1.0, -1)
+    # Irregular boundary: erode/dilate a little, then feather.
+    k = max(3, int(min(h, w) * rng.uniform(0.02, 0.06)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    mask = cv2.erode(mask, kernel) if rng.random() < 0.5 else cv2.dilate(mask, kernel)
+    sigma = min(h, w) * rng.uniform(0.02, 0.06)
+    mask = cv2.GaussianBlur(mask, (0, 0), sigma)
+    return (mask / max(float(mask.max()), 1e-6)).astype(np.float32)
+
+
+def _blend(base: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None]
+    out = source.astype(np.float32) * m + base.astype(np.float32) * (1.0 - m)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def self_blend(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None):
+    """SBI (Shiohara & Yamasaki, CVPR 2022): a colour-jittered, slightly warped copy of the same face
+    blended back through a soft mask; leaves blending boundaries and statistics inconsistencies."""
+    face = _check(face)
+    h, w = face.shape[:2]
+    src = face.astype(np.float32)
+    src = src * rng.uniform(0.9, 1.1, size=3) + rng.uniform(-12, 12, size=3)  # per-channel gain/offset
+    src = np.clip(src, 0, 255).astype(np.uint8)
+    if rng.random() < 0.5:
+        src = cv2.GaussianBlur(src, (0, 0), rng.uniform(0.5, 1.2))
+    s = rng.uniform(0.95, 1.05)
+    mat = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-2, 2), s)
+    mat[:, 2] += rng.uniform(-0.02, 0.02, size=2) * (w, h)
+    src = cv2.warpAffine(src, mat, (w, h), borderMode=cv2.BORDER_REFLECT_101)
+    mask = face_mask((h, w), rng)
+    return _blend(face, src, mask), mask
+
+
+def _match_stats(src: np.ndarray, ref: np.ndarray, mask: np.ndarray, strength: float) -> np.ndarray:
+    """Move src's per-channel Lab mean/std toward ref's inside mask by ``strength`` (0..1)."""
+    s = cv2.cvtColor(src, cv2.COLOR_RGB2LAB).astype(np.float32)
+    r = cv2.cvtColor(ref, cv2.COLOR_RGB2LAB).astype(np.float32)
+    m = mask > 0.5
+    if m.sum() < 16:
+        return src
+    sm, ss = s[m].mean(0), s[m].std(0) + 1e-3
+    rm, rs = r[m].mean(0), r[m].std(0) + 1e-3
+    tm, ts = sm + strength * (rm - sm), ss + strength * (rs - ss)
+    out = (s - sm) / ss * ts + tm
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def colour_swap(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None):
+    """Identity swap: the donor's inner face pasted into ``face`` with only partial colour/statistics
+    matching, so illumination and colour disagree across the boundary. Needs ``donor`` (another
+    identity's aligned crop; resized to ``face``'s size)."""
+    face = _check(face)
+    if donor is None:
+        raise ValueError("colour_swap needs a donor face of another identity: fn(face, rng, donor=other)")
+    donor = _check(donor)
+    h, w = face.shape[:2]
+    if donor.shape[:2] != (h, w):
+        donor = cv2.resize(donor, (w, h), interpolation=cv2.INTER_AREA)
+    mask = face_mask((h, w), rng, scale=0.9)
+    src = _match_stats(donor, face, mask, strength=rng.uniform(0.3, 0.7))
+    return _blend(face, src, mask), mask
+
+
+def gan_upsample(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None):
+    """GAN-style synthesis trace: the face region is down-sampled and re-synthesised by a strided
+    transposed convolution (zero insertion + an uneven 4x4 kernel), leaving a periodic checkerboard."""
+    face = _check(face)
+    h, w = face.shape[:2]
+    f = 2
+    small = cv2.resize(face, (w // f, h // f), interpolation=cv2.INTER_AREA).astype(np.float32)
+    up = np.zeros((small.shape[0] * f, small.shape[1] * f, 3), np.float32)
+    up[::f, ::f] = small
+    base = np.outer([0.25, 0.75, 0.75, 0.25], [0.25, 0.75, 0.75, 0.25]).astype(np.float32)
+    kern = base * (1.0 + rng.uniform(-0.25, 0.25, size=base.shape).astype(np.float32))
+    # Normalise so each of the 4 output phases has mean gain ~1 but unequal gains (the checkerboard).
+    kern *= (f * f) / kern.sum()
+    up = cv2.filter2D(up, -1, kern, borderType=cv2.BORDER_REFLECT_101)
+    up = cv2.resize(up, (w, h), interpolation=cv2.INTER_NEAREST) if up.shape[:2] != (h, w) else up
+    up = cv2.GaussianBlur(up, (0, 0), rng.uniform(0.3, 0.6))
+    mask = face_mask((h, w), rng)
+    return _blend(face, np.clip(up, 0, 255), mask), mask
+
+
+def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def double_jpeg(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None):
+    """Aligned vs non-aligned double JPEG: the face region carries an earlier compression on an 8x8
+    grid shifted by a non-multiple of 8, then the whole image is saved once more on the normal grid."""
+    face = _check(face)
+    h, w = face.shape[:2]
+    q1, q2 = int(rng.integers(55, 80)), int(rng.integers(80, 95))
+    dy, dx = (int(v) for v in rng.integers(1, 8, size=2))
+    shifted = np.roll(face, (dy, dx), axis=(0, 1))
+    first = np.roll(_jpeg(shifted, q1), (-dy, -dx), axis=(0, 1))
+    mask = face_mask((h, w), rng)
+    return _jpeg(_blend(face, first, mask), q2), mask
+
+
+def denoise_renoise(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None):
+    """Local denoise-and-renoise: the camera noise of the face region is removed (edge-preserving
+    filter) and replaced by synthetic Gaussian noise of another level and colour correlation."""
+    face = _check(face)
+    h, w = face.shape[:2]
+    clean = cv2.bilateralFilter(face, d=5, sigmaColor=rng.uniform(20, 40), sigmaSpace=rng.uniform(3, 6))
+    sigma = rng.uniform(2.0, 5.0)
+    grey = rng.normal(0, sigma, size=(h, w, 1))
+    colour = rng.normal(0, sigma, size=(h, w, 3))
+    rho = rng.uniform(0.0, 0.8)
+    noise = rho * grey + (1 - rho) * colour
+    renoised = np.clip(clean.astype(np.float32) + noise, 0, 255)
+    mask = face_mask((h, w), rng)
+    return _blend(face, renoised, mask), mask
+
+
+def spectral_peaks(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None = None):
+    """Periodic spectral peaks: a few faint high-frequency 2-D sinusoids (as left by up-sampling
+    layers of generators) added inside the face region; invisible at a glance, sharp in the FFT."""
+    face = _check(face)
+    h, w = face.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    pattern = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(2, 5))):
+        fy, fx = rng.uniform(0.15, 0.5, size=2) * rng.choice([-1, 1], size=2)
+        pattern += np.cos(2 * np.pi * (fx * xx + fy * yy) + rng.uniform(0, 2 * np.pi)).astype(np.float32)
+    pattern *= rng.uniform(2.0, 4.0) / max(float(np.abs(pattern).max()), 1e-6)
+    tint = rng.uniform(0.7, 1.0, size=3).astype(np.float32)
+    mask = face_mask((h, w), rng)
+    src = face.astype(np.float32) + pattern[..., None] * tint
+    return _blend(face, src, mask), mask
+
+
+FAMILIES: dict[str, Forgery] = {
+    "sbi": self_blend,
+    "colour_swap": colour_swap,
+    "gan_upsample": gan_upsample,
+    "double_jpeg": double_jpeg,
+    "denoise_renoise": denoise_renoise,
+    "spectral_peaks": spectral_peaks,
+}
+
+
+def draw_sheet(faces: list[np.ndarray], out: str, seed: int = 0, size: int = 160) -> str:
+    """PNG sheet: one row per face: real, then each family's fake and (below it) its mask; plus a
+    row of amplified differences (|fake - real| x 8) so subtle families are visible."""
+    rng = np.random.default_rng(seed)
+    faces = [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in faces]
+    rows = []
+    for i, face in enumerate(faces):
+        donor = faces[(i + 1) % len(faces)]
+        top, mid, bot = [face], [np.zeros_like(face)], [np.zeros_like(face)]
+        for fn in FAMILIES.values():
+            fake, mask = fn(face, rng, donor=donor)
+            top.append(fake)
+            mid.append(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, -1))
+            diff = np.clip(np.abs(fake.astype(np.int16) - face.astype(np.int16)) * 8, 0, 255).astype(np.uint8)
+            bot.append(diff)
+        rows += [np.concatenate(r, 1) for r in (top, mid, bot)]
+    sheet = np.concatenate(rows, 0)
+    header = np.full((24, sheet.shape[1], 3), 255, np.uint8)
+    for j, name in enumerate(["real", *FAMILIES]):
+        cv2.putText(header, name, (j * size + 4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    sheet = np.concatenate([header, sheet], 0)
+    cv2.imwrite(out, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m peft_masm.data.forgeries")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sh = sub.add_parser("sheet", help="draw real faces beside each family's fake, mask and difference")
+    sh.add_argument("--out", default="forgery_sheet.png")
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--faces", type=int, default=3, help="number of real faces (from the corpus)")
+    args = parser.parse_args(argv)
+    from .corpus import build_real_face_corpus
+
+    corpus = build_real_face_corpus()
+    picks = np.random.default_rng(args.seed).choice(len(corpus), size=min(args.faces, len(corpus)), replace=False)
+    faces = [np.asarray(corpus[int(i)]["image"].convert("RGB")) for i in picks]
+    print(draw_sheet(faces, args.out, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
