@@ -22,7 +22,7 @@ def _cell(metrics: Mapping[str, Any], key: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     ci = metrics.get(f"{key}_ci")
-    if ci is None or any(math.isnan(c) for c in ci):
+    if ci is None or any(c is None or math.isnan(c) for c in ci):
         return f"{value:.4f}"
     return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
 
@@ -41,14 +41,25 @@ def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become null so that results.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def write_results(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``results.md`` (test set name -> metrics dict) into ``out_dir``."""
+    """Write ``results.json`` (strict JSON, NaN as null) and ``results.md`` (test set name -> metrics dict)."""
     if not results:
         raise ValueError("results is empty; pass {test_set_name: compute_detection_metrics(...)}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "results.json", out / "results.md"
-    json_path.write_text(json.dumps(results, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    json_path.write_text(json.dumps(_jsonable(results), indent=2, sort_keys=True, allow_nan=False) + "\n")
     md_path.write_text(results_markdown(results))
     return json_path, md_path
 

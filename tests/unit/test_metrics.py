@@ -170,6 +170,16 @@ def test_write_results_json_and_markdown(tmp_path) -> None:
         write_results({}, tmp_path)
 
 
+def test_write_results_is_strict_json_when_no_resample_was_usable(tmp_path) -> None:
+    # Two samples, one bootstrap resample: half the seeds draw a single class, leaving no usable resample.
+    runs = (compute_detection_metrics([0, 1], [0.2, 0.7], n_bootstrap=1, seed=seed) for seed in range(20))
+    out = next(r for r in runs if r["bootstrap"]["n_used"]["frame"] == 0)
+    json_path, md_path = write_results({"tiny": out}, tmp_path)
+    loaded = json.loads(json_path.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert loaded["tiny"]["frame_auc_ci"] == [None, None]
+    assert "| tiny | 1.0000 |" in md_path.read_text()
+
+
 def test_plot_roc_writes_png(tmp_path) -> None:
     a = _random_scores(0, 100)
     b = _random_scores(1, 80)
