@@ -59,6 +59,15 @@ def test_video_config_with_batches_matches_function() -> None:
     assert out == compute_detection_metrics(labels, scores, video_ids=ids, n_bootstrap=50)
 
 
+def test_load_by_file_path() -> None:
+    import evaluate
+
+    labels, scores, _ = _data(3)
+    metric = evaluate.load(str(EVALUATE_MODULE_DIR / "masm_detection.py"))
+    out = metric.compute(predictions=scores, references=labels, n_bootstrap=0)
+    assert out["frame_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
 def test_unknown_config_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown configuration 'clip'"):
         load_metric("clip")
