@@ -2,7 +2,8 @@
 
 Each loader builds a light index (``path``, ``frame``, ``label``, ``video_id`` ...) and decodes
 lazily: ``ds[i]["image"]`` is decoded on access through ``with_transform``; ``streaming=True``
-gives an ``IterableDataset`` that decodes while iterating.
+gives an ``IterableDataset`` that decodes while iterating. Whole-column access (``ds["label"]``)
+runs the decoder too; read metadata without decoding with ``ds.with_format(None)["label"]``.
 Labels: 0 real, 1 fake.
 """
 

@@ -54,7 +54,10 @@ class ProcessRows:
             images.append(Image.fromarray(arr))
             keep.append(i)
             found.append(ok)
-        out = {k: [v[i] for i in keep] for k, v in batch.items() if k not in ("image", "label", "labels")}
+        # Iterable datasets keep input columns they are not given back, so every column is returned
+        # (filtered); map-style transforms drop the decoded image and the raw label.
+        dropped = () if self.drop_rows else ("image", "label", "labels")
+        out = {k: [v[i] for i in keep] for k, v in batch.items() if k not in dropped}
         if images:
             pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
         else:
