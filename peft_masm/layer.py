@@ -1,0 +1,318 @@
+"""The MASM tuner layer: K trainable artifact subspaces from the minor spectrum of a frozen Linear.
+
+For a weight ``W`` (m x n) the layer keeps, per adapter, trainable ``U_j (m x k)``, ``s_j (k)`` and
+``V_j (n x k)`` for ``j < K`` and their frozen starting values (persistent buffers ``masm_U0``,
+``masm_s0``, ``masm_V0``). The base weight is never modified; the forward adds
+``x @ Delta^T`` with ``Delta = U diag(s) V^T - U0 diag(s0) V0^T`` computed as one factored
+product of rank ``2*K*k``: ``(x @ [V, V0]) @ [U*s, -U0*s0]^T``.
+
+The decomposition is lazy: a layer created by ``get_peft_model`` decomposes on first use (or in one
+batch through ``MASMModel.decompose()``); a layer whose weights come from a saved adapter never does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from . import regularizers
+from .config import MASMConfig
+from .decomposition import MinorTriplets, fingerprint_deviation, minor_triplets, weight_fingerprint
+
+
+class BaseModelMismatchError(ValueError):
+    """Raised when an adapter is loaded onto a base model other than the one it was trained on."""
+
+
+class MASMLayer(BaseTunerLayer):
+    """Mixin holding the per-adapter MASM state of one adapted linear layer."""
+
+    adapter_layer_names = ("masm_U", "masm_s", "masm_V")
+    other_param_names = (
+        "masm_U0",
+        "masm_s0",
+        "masm_V0",
+        "masm_sigma_r",
+        "masm_fingerprint",
+        "masm_mask",
+        "masm_num_subspaces",
+        "masm_subspace_rank",
+        "masm_partition",
+        "masm_init_weights",
+        "masm_check_base",
+        "masm_fit_bound",
+        "masm_pending",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.masm_U = nn.ModuleDict({})
+        self.masm_s = nn.ModuleDict({})
+        self.masm_V = nn.ModuleDict({})
+        self.masm_U0 = BufferDict({}, persistent=True)
+        self.masm_s0 = BufferDict({}, persistent=True)
+        self.masm_V0 = BufferDict({}, persistent=True)
+        self.masm_sigma_r = BufferDict({}, persistent=True)
+        self.masm_fingerprint = BufferDict({}, persistent=True)
+        self.masm_mask = BufferDict({}, persistent=True)
+        self.masm_num_subspaces: dict[str, int] = {}
+        self.masm_subspace_rank: dict[str, int] = {}
+        self.masm_partition: dict[str, str] = {}
+        self.masm_init_weights: dict[str, bool] = {}
+        self.masm_check_base: dict[str, bool] = {}
+        self.masm_fit_bound: dict[str, float] = {}
+        self.masm_pending: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MASM adapts nn.Linear layers only, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def update_layer(self, adapter_name: str, config: MASMConfig, inference_mode: bool = False, **kwargs) -> None:
+        """Add an adapter: allocate its factors; the SVD itself waits until the layer is first used."""
+        num, rank = config.num_subspaces, config.subspace_rank
+        total = num * rank
+        d = min(self.in_features, self.out_features)
+        if num <= 0 or rank <= 0:
+            raise ValueError(f"num_subspaces and subspace_rank must be positive, got K={num}, k={rank}.")
+        if total >= d:
+            raise ValueError(
+                f"{kwargs.get('current_key', 'this layer')}: K*k = {num}*{rank} = {total} must be smaller than the "
+                f"layer's rank {d} (weight {self.out_features} x {self.in_features}); lower num_subspaces or "
+                "subspace_rank, or exclude this module."
+            )
+        m, n = self.out_features, self.in_features
+        device = self.get_base_layer().weight.device
+        factory = {"device": device, "dtype": torch.float32}
+        self.masm_U[adapter_name] = nn.ParameterList([nn.Parameter(torch.zeros(m, rank, **factory)) for _ in range(num)])
+        self.masm_s[adapter_name] = nn.ParameterList([nn.Parameter(torch.zeros(rank, **factory)) for _ in range(num)])
+        self.masm_V[adapter_name] = nn.ParameterList([nn.Parameter(torch.zeros(n, rank, **factory)) for _ in range(num)])
+        self.masm_U0[adapter_name] = torch.zeros(m, total, **factory)
+        self.masm_s0[adapter_name] = torch.zeros(total, **factory)
+        self.masm_V0[adapter_name] = torch.zeros(n, total, **factory)
+        self.masm_sigma_r[adapter_name] = torch.zeros(1, **factory)
+        self.masm_fingerprint[adapter_name] = torch.zeros(257, **factory)
+        self.masm_mask[adapter_name] = torch.ones(num, **factory)
+        self.masm_num_subspaces[adapter_name] = num
+        self.masm_subspace_rank[adapter_name] = rank
+        self.masm_partition[adapter_name] = config.partition
+        self.masm_init_weights[adapter_name] = config.init_weights
+        self.masm_check_base[adapter_name] = config.check_base_model
+        self.masm_fit_bound[adapter_name] = config.fit_bound
+        self.masm_pending[adapter_name] = True
+        frozen = {"all": (), "singular_values": ("masm_U", "masm_V"), "vectors": ("masm_s",)}[config.train_factors]
+        if frozen:
+            self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: frozen}
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # MASM's factors stay float32 whatever the base dtype: minor singular directions do not survive a
+        # bfloat16 round-off. Only the device follows the base layer.
+        target = device if device is not None else self.get_base_layer().weight.device
+        if target == torch.device("meta"):
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name, None)
+            if isinstance(container, (nn.ModuleDict, BufferDict)) and adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(target)
+
+    # --------------------------------------------------------------------------------- decomposition
+    def pending_decomposition(self, adapter_name: str) -> bool:
+        """True while ``adapter_name``'s factors still await their SVD (no weights loaded or computed)."""
+        return self.masm_pending.get(adapter_name, False)
+
+    def _subspace_order(self, adapter_name: str) -> torch.Tensor:
+        """Permutation of the K*k minor triplets (descending sigma) into subspace-major order."""
+        num, rank = self.masm_num_subspaces[adapter_name], self.masm_subspace_rank[adapter_name]
+        index = torch.arange(num * rank)
+        if self.masm_partition[adapter_name] == "interleaved":
+            index = index.reshape(rank, num).T.reshape(-1)  # subspace j takes triplets j, j+K, j+2K, ...
+        return index
+
+    @torch.no_grad()
+    def set_decomposition(self, adapter_name: str, triplets: MinorTriplets) -> None:
+        """Fill ``adapter_name``'s factors and buffers from the minor triplets of the base weight."""
+        order = self._subspace_order(adapter_name).to(triplets.U.device)
+        num, rank = self.masm_num_subspaces[adapter_name], self.masm_subspace_rank[adapter_name]
+        device = self.masm_U0[adapter_name].device
+        U0, S0, V0 = (t.to(device)[..., order] for t in (triplets.U, triplets.S, triplets.V))
+        self.masm_U0[adapter_name].copy_(U0)
+        self.masm_s0[adapter_name].copy_(S0)
+        self.masm_V0[adapter_name].copy_(V0)
+        self.masm_sigma_r[adapter_name].fill_(float(triplets.sigma_r))
+        self.masm_fingerprint[adapter_name].copy_(weight_fingerprint(self.get_base_layer().weight))
+        for j in range(num):
+            cols = slice(j * rank, (j + 1) * rank)
+            self.masm_U[adapter_name][j].copy_(U0[:, cols])
+            self.masm_s[adapter_name][j].copy_(S0[cols])
+            self.masm_V[adapter_name][j].copy_(V0[:, cols])
+        if not self.masm_init_weights[adapter_name]:
+            self._perturb(adapter_name)
+        self.masm_pending[adapter_name] = False
+
+    @torch.no_grad()
+    def _perturb(self, adapter_name: str) -> None:
+        """A non-identity start (``init_weights=False``), used by tests."""
+        sigma_r = float(self.masm_sigma_r[adapter_name])
+        for U, s, V in zip(self.masm_U[adapter_name], self.masm_s[adapter_name], self.masm_V[adapter_name]):
+            s.add_(torch.randn_like(s) * 0.5 * sigma_r)
+            U.add_(torch.randn_like(U) * 0.3 / math.sqrt(U.shape[0]))
+            V.add_(torch.randn_like(V) * 0.3 / math.sqrt(V.shape[0]))
+
+    def ensure_decomposed(self, adapter_name: str) -> None:
+        """Run the SVD now if ``adapter_name`` has neither computed nor loaded factors."""
+        if self.pending_decomposition(adapter_name):
+            total = self.masm_num_subspaces[adapter_name] * self.masm_subspace_rank[adapter_name]
+            self.set_decomposition(adapter_name, minor_triplets(self.get_base_layer().weight, total))
+
+    def _after_load(self, adapter_names: list[str], prefix: str) -> None:
+        """Mark adapters whose factors were just loaded as decomposed, and check their base weight."""
+        for adapter_name in adapter_names:
+            # An adapter saved before its first use holds placeholders (sigma_r == 0): decompose on use.
+            self.masm_pending[adapter_name] = not bool(self.masm_sigma_r[adapter_name].ne(0).all())
+            if self.masm_check_base[adapter_name] and not self.masm_pending[adapter_name]:
+                self._check_base_weight(adapter_name, prefix)
+
+    def _check_base_weight(self, adapter_name: str, prefix: str) -> None:
+        fingerprint = self.masm_fingerprint[adapter_name]
+        if fingerprint.device.type == "meta" or not torch.any(fingerprint != 0):
+            return
+        deviation = fingerprint_deviation(self.get_base_layer().weight, fingerprint)
+        if deviation > 1.0:
+            layer = prefix.rstrip(".").removeprefix("base_model.model.")
+            raise BaseModelMismatchError(
+                f"MASM adapter '{adapter_name}' was trained on a different base model: the weight of layer "
+                f"'{layer}' differs from the fingerprint saved with the adapter ({deviation:.3g}x the tolerance). "
+                "Load the adapter onto the base model named by `base_model_name_or_path` in its adapter_config.json "
+                "(or set `check_base_model=False` in that config if this is intended)."
+            )
+
+    # ------------------------------------------------------------------------------------ the delta
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The trainable factors concatenated over subspaces: U (m, K*k), s (K*k,), V (n, K*k)."""
+        self.ensure_decomposed(adapter_name)
+        U = torch.cat(list(self.masm_U[adapter_name]), dim=1)
+        s = torch.cat(list(self.masm_s[adapter_name]))
+        V = torch.cat(list(self.masm_V[adapter_name]), dim=1)
+        return U, s, V
+
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``Delta = B @ A.T``: A = [V, V0] (n, 2Kk), B = [U*s, -U0*s0] (m, 2Kk)."""
+        U, s, V = self.factors(adapter_name)
+        A = torch.cat([V, self.masm_V0[adapter_name]], dim=1)
+        B = torch.cat([U * s, -self.masm_U0[adapter_name] * self.masm_s0[adapter_name]], dim=1)
+        return A, B
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense weight change of ``adapter_name`` (for merging and LoRA export only)."""
+        A, B = self.delta_factors(adapter_name)
+        return (B @ A.T).to(self.get_base_layer().weight.dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # Delta has rank <= 2*K*k, so PEFT's `save_as_lora(..., rank=2*K*k)` is exact.
+        return True
+
+    def regularization_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """This layer's orthogonality and spectral terms (see ``peft_masm.regularizers``)."""
+        U, s, V = self.factors(adapter_name)
+        rank = self.masm_subspace_rank[adapter_name]
+        weight = self.get_base_layer().weight
+        return regularizers.layer_terms(
+            weight=weight.to(torch.float32),
+            U=U,
+            s=s,
+            V=V,
+            U0=self.masm_U0[adapter_name],
+            s0=self.masm_s0[adapter_name],
+            V0=self.masm_V0[adapter_name],
+            sigma_r=self.masm_sigma_r[adapter_name][0],
+            subspace_rank=rank,
+            fit_bound=self.masm_fit_bound[adapter_name],
+        )
+
+    def subspace_norms(self, adapter_name: str) -> torch.Tensor:
+        """Spectral norm of each artifact subspace ``U_j diag(s_j) V_j^T`` relative to ``sigma_r`` (K,)."""
+        with torch.no_grad():
+            U, s, V = self.factors(adapter_name)
+            norms = regularizers.subspace_spectral_norms(U, s, V, self.masm_subspace_rank[adapter_name])
+            return norms / self.masm_sigma_r[adapter_name][0].clamp_min(1e-12)
+
+    # ------------------------------------------------------------------------------------ merging
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active adapters' deltas to the base weight (``safe_merge`` checks for NaNs first)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.masm_U:
+                continue
+            delta = self.get_delta_weight(name)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights; the adapter {name} seems to be broken.")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta from the base weight."""
+        if not self.merged:
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.masm_U:
+                base.weight.data -= self.get_delta_weight(name)
+
+
+class Linear(nn.Module, MASMLayer):
+    """An ``nn.Linear`` with MASM adapters."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: MASMConfig, **kwargs: Any) -> None:
+        super().__init__()
+        MASMLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, **kwargs)
+
+        self._loading: tuple[str, list[str]] | None = None
+        self.register_load_state_dict_post_hook(_finish_loading)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Children (the buffer dicts) load after this call; the post-hook finishes the job.
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = [name for name in self.masm_pending if f"{prefix}masm_U0.{name}" in state_dict]
+        self._loading = (prefix, loaded)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.masm_U:
+                continue
+            A, B = self.delta_factors(name)
+            result = result + ((x.to(A.dtype) @ A) @ B.T).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "masm." + super().__repr__()
+
+
+def _finish_loading(module: Linear, incompatible_keys) -> None:
+    if module._loading is not None:
+        prefix, loaded = module._loading
+        module._loading = None
+        module._after_load(loaded, prefix)

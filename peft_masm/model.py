@@ -1,0 +1,103 @@
+"""MASMModel: the PEFT tuner that injects MASM layers and exposes the regularisers and layer mask."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import _ATTENTION, MASMConfig
+from .decomposition import minor_triplets_many
+from .layer import Linear, MASMLayer
+
+
+class MASMModel(BaseTuner):
+    """Creates a MASM model from a pretrained transformers vision model.
+
+    Use it through PEFT: ``get_peft_model(model, MASMConfig(...))`` after ``import peft_masm``.
+
+    Besides PEFT's tuner API it offers:
+      - ``decompose()``: run the SVD of every layer still waiting for it, in one batch;
+      - ``regularization_loss()``: MASM's orthogonality and spectral terms, to add to the task loss;
+      - ``update_layer_mask(global_step)``: the selective layer mask, called between ``backward()`` and
+        ``optimizer.step()``.
+    """
+
+    prefix: str = "masm_"
+    tuner_layer_cls = MASMLayer
+    target_module_mapping = _ATTENTION
+
+    def _create_and_replace(
+        self,
+        masm_config: MASMConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        if isinstance(target, MASMLayer):
+            target.update_layer(adapter_name, masm_config, current_key=current_key)
+            return
+        if not isinstance(target, nn.Linear):
+            raise TypeError(
+                f"Target module '{current_key}' is a {type(target).__name__}; MASM adapts torch.nn.Linear layers only. "
+                "Change `target_modules` (or add it to `exclude_modules`)."
+            )
+        new_module = Linear(target, adapter_name, masm_config, current_key=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def masm_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, MASMLayer]]:
+        """``(name, layer)`` for each MASM layer holding ``adapter_name`` (default: the active adapter)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        for name, module in self.model.named_modules():
+            if isinstance(module, MASMLayer) and adapter_name in module.masm_U:
+                yield name, module
+
+    @torch.no_grad()
+    def decompose(self, adapter_name: str | None = None) -> int:
+        """Run the SVD of every layer whose factors were neither computed nor loaded; returns how many."""
+        names = [adapter_name] if adapter_name else sorted(self.peft_config)
+        todo = [
+            (layer, name)
+            for name in names
+            for _, layer in self.masm_layers(name)
+            if layer.pending_decomposition(name) and layer.get_base_layer().weight.device.type != "meta"
+        ]
+        if not todo:
+            return 0
+        weights = [layer.get_base_layer().weight for layer, _ in todo]
+        totals = [layer.masm_num_subspaces[name] * layer.masm_subspace_rank[name] for layer, name in todo]
+        for (layer, name), triplets in zip(todo, minor_triplets_many(weights, totals)):
+            layer.set_decomposition(name, triplets)
+        return len(todo)
+
+    def regularization_loss(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """MASM's regularisers, averaged over layers: ``orthogonality``, ``spectral`` and their weighted ``total``.
+
+        PEFT's ``PeftModel.forward`` bypasses the tuner for vision models, so the training loop adds
+        ``regularization_loss()["total"]`` to its task loss (``MASMTrainer`` and the recipes do).
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        layers = [layer for _, layer in self.masm_layers(adapter_name)]
+        if not layers:
+            raise ValueError(f"No MASM layer holds adapter '{adapter_name}'.")
+        self.decompose(adapter_name)
+        device = layers[0].masm_U0[adapter_name].device
+        orthogonality = torch.zeros((), device=device)
+        spectral = torch.zeros((), device=device)
+        for layer in layers:
+            terms = layer.regularization_terms(adapter_name)
+            orthogonality = orthogonality + terms["orthogonality"]
+            spectral = spectral + terms["spectral"]
+        orthogonality, spectral = orthogonality / len(layers), spectral / len(layers)
+        total = config.orthogonality_weight * orthogonality + config.spectral_weight * spectral
+        return {"orthogonality": orthogonality, "spectral": spectral, "total": total}
+

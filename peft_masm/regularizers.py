@@ -1,0 +1,96 @@
+"""MASM's regularisers as pure functions of one layer's factors (method.md, section 2).
+
+Everything is computed from ``K*k``-column factors and small ``K*k x K*k`` Gram matrices; the only
+products with the base weight are ``W^T U`` and ``W V`` (no dense m x n matrix is formed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _block_diagonal(total: int, rank: int, device: torch.device) -> torch.Tensor:
+    groups = torch.arange(total, device=device) // rank
+    return (groups[:, None] == groups[None, :]).to(torch.float32)
+
+
+def subspace_spectral_norms(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int) -> torch.Tensor:
+    """``||U_j diag(s_j) V_j^T||_2`` for each subspace j, via thin QR of the (m, k) and (n, k) blocks."""
+    m, total = U.shape
+    num = total // subspace_rank
+    U_blocks = U.reshape(m, num, subspace_rank).permute(1, 0, 2)
+    V_blocks = V.reshape(V.shape[0], num, subspace_rank).permute(1, 0, 2)
+    if subspace_rank == 1:
+        return s.abs() * U_blocks.norm(dim=(1, 2)) * V_blocks.norm(dim=(1, 2))
+    R_u = torch.linalg.qr(U_blocks, mode="r").R
+    R_v = torch.linalg.qr(V_blocks, mode="r").R
+    core = R_u * s.reshape(num, 1, subspace_rank) @ R_v.transpose(1, 2)
+    return torch.linalg.matrix_norm(core, ord=2)
+
+
+def orthogonality_terms(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    U0: torch.Tensor,
+    s0: torch.Tensor,
+    V0: torch.Tensor,
+    sigma_r: torch.Tensor,
+    subspace_rank: int,
+) -> dict[str, torch.Tensor]:
+    """Cross-subspace overlap, within-subspace orthonormality and leakage into the semantic subspace."""
+    total = U.shape[1]
+    same = _block_diagonal(total, subspace_rank, U.device)
+    eye = torch.eye(total, device=U.device)
+    gram_u, gram_v = U.T @ U, V.T @ V
+    # sum_{i<j} ||U_i^T U_j||^2 is half the off-block-diagonal mass of the symmetric Gram matrix.
+    cross = 0.5 * (((gram_u.square() + gram_v.square()) * (1 - same)).sum())
+    within = (((gram_u - eye).square() + (gram_v - eye).square()) * same).sum()
+    # W_P = W - U0 diag(s0) V0^T, applied without forming it.
+    principal_t_u = weight.T @ U - V0 @ (s0[:, None] * (U0.T @ U))
+    principal_v = weight @ V - U0 @ (s0[:, None] * (V0.T @ V))
+    leakage = (principal_t_u.square().sum() + principal_v.square().sum()) / sigma_r.square().clamp_min(1e-24)
+    return {"cross": cross, "within": within, "leakage": leakage}
+
+
+def spectral_terms(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    s: torch.Tensor,
+    V: torch.Tensor,
+    U0: torch.Tensor,
+    s0: torch.Tensor,
+    V0: torch.Tensor,
+    sigma_r: torch.Tensor,
+    subspace_rank: int,
+    fit_bound: float,
+) -> dict[str, torch.Tensor]:
+    """Energy drift of ``W' = W + Delta`` and the fit bound on each artifact subspace."""
+    energy = weight.square().sum()
+    # ||W'||^2 - ||W||^2 = 2 <W_P, M> + ||M||^2 - ||M0||^2 with M = U diag(s) V^T (W_P is orthogonal to M0).
+    u_t_w_v = (weight.T @ U).T @ V
+    u_t_m0_v = (U.T @ U0) @ (s0[:, None] * (V0.T @ V))
+    inner = (s * torch.diagonal(u_t_w_v - u_t_m0_v)).sum()
+    norm_m = (s[:, None] * s[None, :] * (U.T @ U) * (V.T @ V)).sum()
+    drift = ((2 * inner + norm_m - s0.square().sum()) / energy.clamp_min(1e-24)).square()
+    norms = subspace_spectral_norms(U, s, V, subspace_rank)
+    fit = (torch.relu(norms - fit_bound * sigma_r).square().sum()) / sigma_r.square().clamp_min(1e-24)
+    return {"drift": drift, "fit": fit}
+
+
+def layer_terms(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    s: torch.Tensor,
+    V: torch.Tensor,
+    U0: torch.Tensor,
+    s0: torch.Tensor,
+    V0: torch.Tensor,
+    sigma_r: torch.Tensor,
+    subspace_rank: int,
+    fit_bound: float,
+) -> dict[str, torch.Tensor]:
+    """One layer's ``orthogonality`` and ``spectral`` values (unweighted)."""
+    orth = orthogonality_terms(weight, U, V, U0, s0, V0, sigma_r, subspace_rank)
+    spec = spectral_terms(weight, U, s, V, U0, s0, V0, sigma_r, subspace_rank, fit_bound)
+    return {"orthogonality": orth["cross"] + orth["within"] + orth["leakage"], "spectral": spec["drift"] + spec["fit"]}
