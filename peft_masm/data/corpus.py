@@ -129,11 +129,11 @@ def split_by_identity(ds: datasets.Dataset, test_identities: Sequence[str] | Non
 
 
 def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | None = None, seed: int = 0,
-                            fakes_per_face: int = 1) -> datasets.Dataset:
+                            fakes_per_face: int = 1, donors: datasets.Dataset | None = None) -> datasets.Dataset:
     """Labelled real/fake set: every corpus face once as real (label 0) plus ``fakes_per_face`` fakes
     per family (label 1). Columns: ``image``, ``label``, ``video_id``, ``family`` ("real" for reals),
     ``identity``, ``source``. Donors for ``colour_swap`` come from a *different* identity of the
-    same corpus (so keep train and test corpora apart before calling this).
+    same corpus, or from ``donors`` (another corpus) when given; keep train and test apart first.
     """
     families = list(FAMILIES) if families is None else list(families)
     bad = [f for f in families if f not in FAMILIES]
@@ -144,6 +144,8 @@ def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | 
     faces = [np.asarray(im.convert("RGB")) for im in corpus["image"]]
     sources = corpus["source"]
     rows: dict[str, list] = {k: [] for k in ("image", "label", "video_id", "family", "identity", "source")}
+    pool_ids, pool = (ids, faces) if donors is None else (
+        donors["identity"], [np.asarray(im.convert("RGB")) for im in donors["image"]])
 
     def add(img: np.ndarray, label: int, vid: str, family: str, i: int) -> None:
         rows["image"].append(Image.fromarray(img))
@@ -159,10 +161,11 @@ def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | 
             for r in range(fakes_per_face):
                 donor = None
                 if fam == "colour_swap":
-                    others = [j for j, g in enumerate(ids) if g != ids[i]]
+                    others = [j for j, g in enumerate(pool_ids) if g != ids[i]]
                     if not others:
-                        raise ValueError("colour_swap needs at least two identities in the corpus")
-                    donor = faces[int(rng.choice(others))]
+                        raise ValueError("colour_swap needs a donor of another identity: the corpus has one "
+                                         "identity; pass donors=<a corpus with other identities>")
+                    donor = pool[int(rng.choice(others))]
                     if donor.shape != face.shape:
                         donor = cv2.resize(donor, face.shape[1::-1], interpolation=cv2.INTER_AREA)
                 fake, _ = FAMILIES[fam](face, rng, donor=donor)
