@@ -6,6 +6,7 @@ MASMConfig(...))`` and ``PeftModel.from_pretrained(base, "org/adapter")`` work a
 
 from .config import MASMConfig, default_target_modules
 from .layer import BaseModelMismatchError, MASMLayer
+from .masking import LayerMaskController, calibrate_layer_mask, plot_mask_history
 from .model import MASMModel
 from .registration import register as _register
 
@@ -15,8 +16,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BaseModelMismatchError",
+    "LayerMaskController",
     "MASMConfig",
     "MASMLayer",
     "MASMModel",
+    "MASMTrainer",
+    "MASMTrainerCallback",
+    "calibrate_layer_mask",
     "default_target_modules",
+    "plot_mask_history",
 ]
+
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers.Trainer (slow); load it only when asked for.
+    if name in ("MASMTrainer", "MASMTrainerCallback"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'peft_masm' has no attribute {name!r}")

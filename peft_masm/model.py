@@ -11,6 +11,7 @@ from torch import nn
 from .config import _ATTENTION, MASMConfig
 from .decomposition import minor_triplets_many
 from .layer import Linear, MASMLayer
+from .masking import LayerMaskController
 
 
 class MASMModel(BaseTuner):
@@ -28,6 +29,10 @@ class MASMModel(BaseTuner):
     prefix: str = "masm_"
     tuner_layer_cls = MASMLayer
     target_module_mapping = _ATTENTION
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs) -> None:
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
+        self._layer_masks: dict[str, LayerMaskController] = {}
 
     def _create_and_replace(
         self,
@@ -101,3 +106,28 @@ class MASMModel(BaseTuner):
         total = config.orthogonality_weight * orthogonality + config.spectral_weight * spectral
         return {"orthogonality": orthogonality, "spectral": spectral, "total": total}
 
+
+    # ---------------------------------------------------------------------------------- layer mask
+    @property
+    def layer_mask(self) -> LayerMaskController:
+        """The layer-mask controller of the active adapter (statistics, decisions, history).
+
+        Register it for checkpointing: ``accelerator.register_for_checkpointing(model.base_model.layer_mask)``.
+        """
+        adapter_name = self.active_adapters[0]
+        if adapter_name not in self._layer_masks:
+            self._layer_masks[adapter_name] = LayerMaskController(self, adapter_name)
+        return self._layer_masks[adapter_name]
+
+    def update_layer_mask(self, global_step: int) -> None:
+        """Update the mask's gradient statistics, decide when due, and drop masked gradients.
+
+        Call it after ``backward()`` and before ``optimizer.step()``, once per optimizer step (with
+        gradient accumulation: only when ``accelerator.sync_gradients``), with the optimizer step count.
+        """
+        self.layer_mask.step(global_step)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter and its layer-mask statistics."""
+        super().delete_adapter(adapter_name)
+        self._layer_masks.pop(adapter_name, None)

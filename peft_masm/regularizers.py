@@ -22,8 +22,8 @@ def subspace_spectral_norms(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, s
     V_blocks = V.reshape(V.shape[0], num, subspace_rank).permute(1, 0, 2)
     if subspace_rank == 1:
         return s.abs() * U_blocks.norm(dim=(1, 2)) * V_blocks.norm(dim=(1, 2))
-    R_u = torch.linalg.qr(U_blocks, mode="r").R
-    R_v = torch.linalg.qr(V_blocks, mode="r").R
+    R_u = torch.linalg.qr(U_blocks).R
+    R_v = torch.linalg.qr(V_blocks).R
     core = R_u * s.reshape(num, 1, subspace_rank) @ R_v.transpose(1, 2)
     return torch.linalg.matrix_norm(core, ord=2)
 

@@ -1,0 +1,255 @@
+"""The selective layer mask (method.md, section 3): gradient statistics, decisions, history, plot.
+
+A *unit* is a layer (``mask_granularity="layer"``) or one (layer, subspace) pair. For each unit the
+controller keeps exponential moving averages of its gradients (mean and second moment, per element)
+and scores its learning state by the gradient signal-to-noise ratio
+``GSNR = ||m||^2 / sum(E[g^2] - m^2)``. At each decision the units with the lowest GSNR (all but the
+``mask_keep_ratio`` best) and the units whose subspace outgrew its fit bound are masked until the next
+decision: their gradients are set to ``None`` before ``optimizer.step()``, so Adam neither moves nor
+decays them. Masks are the layers' persistent ``masm_mask`` buffers; ``requires_grad`` is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .layer import MASMLayer
+    from .model import MASMModel
+
+
+@dataclass
+class _Unit:
+    name: str
+    layer: MASMLayer
+    subspaces: list[int]
+
+    def params(self, adapter: str) -> list[torch.nn.Parameter]:
+        out = []
+        for j in self.subspaces:
+            for factors in (self.layer.masm_U, self.layer.masm_s, self.layer.masm_V):
+                out.append(factors[adapter][j])
+        return out
+
+
+class LayerMaskController:
+    """Gradient statistics and mask decisions for one adapter of a ``MASMModel``.
+
+    Use ``MASMModel.update_layer_mask(global_step)`` rather than this class directly. It has
+    ``state_dict()``/``load_state_dict()`` so ``accelerator.register_for_checkpointing(controller)``
+    saves the statistics with the training state.
+    """
+
+    def __init__(self, model: MASMModel, adapter_name: str) -> None:
+        self.adapter_name = adapter_name
+        self.config = model.peft_config[adapter_name]
+        layers = list(model.masm_layers(adapter_name))
+        if not layers:
+            raise ValueError(f"The model has no MASM layer with adapter '{adapter_name}'; nothing to mask.")
+        self.units: list[_Unit] = []
+        for name, layer in layers:
+            num = layer.masm_num_subspaces[adapter_name]
+            if self.config.mask_granularity == "layer":
+                self.units.append(_Unit(name, layer, list(range(num))))
+            else:
+                self.units.extend(_Unit(f"{name}[{j}]", layer, [j]) for j in range(num))
+        self.ema_mean: list[list[torch.Tensor]] | None = None
+        self.ema_sq: list[list[torch.Tensor]] | None = None
+        self.num_updates = 0
+        self.calibrated = False
+        self.history_steps: list[int] = []
+        self.history_masks: list[list[float]] = []
+
+    # ---------------------------------------------------------------------------------- statistics
+    def _grads(self) -> list[list[torch.Tensor | None]]:
+        return [[p.grad for p in unit.params(self.adapter_name)] for unit in self.units]
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Fold the current gradients into the moving averages (call once per optimizer step)."""
+        grads = self._grads()
+        if all(g is None for unit in grads for g in unit):
+            raise RuntimeError(
+                "update_layer_mask() found no gradient on any MASM parameter: call it after loss.backward() "
+                "(accelerator.backward) and before optimizer.step() / optimizer.zero_grad()."
+            )
+        beta = self.config.mask_ema_decay
+        if self.ema_mean is None:
+            params = [unit.params(self.adapter_name) for unit in self.units]
+            self.ema_mean = [[torch.zeros_like(p, dtype=torch.float32) for p in unit] for unit in params]
+            self.ema_sq = [[torch.zeros_like(p, dtype=torch.float32) for p in unit] for unit in params]
+        for unit_grads, means, squares in zip(grads, self.ema_mean, self.ema_sq):
+            pairs = [(g.float(), m, s) for g, m, s in zip(unit_grads, means, squares) if g is not None]
+            if not pairs:
+                continue
+            g, m, s = (list(t) for t in zip(*pairs))
+            torch._foreach_lerp_(m, g, 1 - beta)
+            torch._foreach_lerp_(s, torch._foreach_mul(g, g), 1 - beta)
+        self.num_updates += 1
+
+    def gsnr(self) -> torch.Tensor:
+        """Bias-corrected gradient signal-to-noise ratio of each unit (higher: more consistent updates)."""
+        if self.ema_mean is None or self.num_updates == 0:
+            raise RuntimeError("No gradient statistics yet: run at least one training step first.")
+        correction = 1 - self.config.mask_ema_decay**self.num_updates
+        scores = []
+        for means, squares in zip(self.ema_mean, self.ema_sq):
+            signal = sum(float((m / correction).square().sum()) for m in means)
+            noise = sum(float((s / correction - (m / correction).square()).clamp_min(0).sum()) for m, s in zip(means, squares))
+            scores.append(signal / max(noise, 1e-30))
+        return torch.tensor(scores, dtype=torch.float64)
+
+    # ------------------------------------------------------------------------------------ decisions
+    def _over_fit_bound(self) -> torch.Tensor:
+        over = []
+        for unit in self.units:
+            norms = unit.layer.subspace_norms(self.adapter_name)[unit.subspaces]
+            over.append(bool((norms > self.config.fit_bound).any()))
+        return torch.tensor(over)
+
+    @torch.no_grad()
+    def decide(self, global_step: int) -> torch.Tensor:
+        """Mask the low-GSNR units and those over their fit bound; returns the keep mask (1 = trains)."""
+        scores = self.gsnr()
+        num_keep = max(1, math.ceil(self.config.mask_keep_ratio * len(self.units)))
+        # Stable descending order: ties go to the earlier unit, so decisions are deterministic.
+        order = sorted(range(len(self.units)), key=lambda i: (-scores[i].item(), i))
+        keep = torch.zeros(len(self.units))
+        keep[order[:num_keep]] = 1.0
+        if self.config.layer_mask == "dynamic":
+            keep[self._over_fit_bound()] = 0.0
+        self._write_masks(keep)
+        self.history_steps.append(int(global_step))
+        self.history_masks.append(keep.tolist())
+        return keep
+
+    def _write_masks(self, keep: torch.Tensor) -> None:
+        for unit, value in zip(self.units, keep.tolist()):
+            mask = unit.layer.masm_mask[self.adapter_name]
+            mask[unit.subspaces] = value
+
+    def current_keep(self) -> list[bool]:
+        """Whether each unit trains now, read from the layers' ``masm_mask`` buffers."""
+        return [
+            bool(unit.layer.masm_mask[self.adapter_name][unit.subspaces].all()) for unit in self.units
+        ]
+
+    def drop_masked_gradients(self) -> int:
+        """Set the gradients of masked units to ``None``; returns how many units were masked."""
+        masked = 0
+        for unit, keep in zip(self.units, self.current_keep()):
+            if keep:
+                continue
+            masked += 1
+            for p in unit.params(self.adapter_name):
+                p.grad = None
+        return masked
+
+    def step(self, global_step: int) -> None:
+        """Update statistics, decide when due, and drop masked gradients (see ``MASMModel.update_layer_mask``)."""
+        mode = self.config.layer_mask
+        if mode == "none":
+            return
+        if mode == "static":
+            if not self.calibrated:
+                raise RuntimeError(
+                    "layer_mask='static' needs a calibration first: call "
+                    "peft_masm.calibrate_layer_mask(peft_model, dataloader, loss_fn, num_batches) before training."
+                )
+            self.drop_masked_gradients()
+            return
+        self.accumulate()
+        warmup, interval = self.config.mask_warmup, self.config.mask_interval
+        if global_step >= warmup and (global_step - warmup) % interval == 0:
+            self.decide(global_step)
+        self.drop_masked_gradients()
+
+    # ------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Statistics and decision history, for ``accelerator.save_state``."""
+        return {
+            "unit_names": [unit.name for unit in self.units],
+            "ema_mean": self.ema_mean,
+            "ema_sq": self.ema_sq,
+            "num_updates": self.num_updates,
+            "calibrated": self.calibrated,
+            "history_steps": list(self.history_steps),
+            "history_masks": [list(row) for row in self.history_masks],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict()`` returned (the unit layout must match)."""
+        names = [unit.name for unit in self.units]
+        if state["unit_names"] != names:
+            raise ValueError("This layer-mask state belongs to a model with other MASM layers or granularity.")
+        device = self.units[0].layer.masm_U0[self.adapter_name].device
+
+        def to_device(nested):
+            return None if nested is None else [[t.to(device) for t in unit] for unit in nested]
+
+        self.ema_mean, self.ema_sq = to_device(state["ema_mean"]), to_device(state["ema_sq"])
+        self.num_updates = int(state["num_updates"])
+        self.calibrated = bool(state["calibrated"])
+        self.history_steps = list(state["history_steps"])
+        self.history_masks = [list(row) for row in state["history_masks"]]
+
+
+def calibrate_layer_mask(peft_model, dataloader, loss_fn, num_batches: int = 8) -> torch.Tensor:
+    """Static mask: gradient statistics over ``num_batches`` batches, then one decision for the whole run.
+
+    ``loss_fn(model, batch)`` returns the scalar training loss. Gradients are cleared afterwards.
+    Returns the keep mask over units.
+    """
+    model: MASMModel = peft_model.base_model
+    controller = model.layer_mask
+    if num_batches <= 0:
+        raise ValueError(f"num_batches must be positive, got {num_batches}.")
+    seen = 0
+    for batch in dataloader:
+        if seen >= num_batches:
+            break
+        peft_model.zero_grad(set_to_none=True)
+        loss_fn(peft_model, batch).backward()
+        controller.accumulate()
+        seen += 1
+    peft_model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise ValueError("calibrate_layer_mask got an empty data loader: it needs at least one batch.")
+    keep = controller.decide(global_step=0)
+    controller.calibrated = True
+    return keep
+
+
+def plot_mask_history(peft_model, path: str | Path) -> Path:
+    """Draw the decision history (units x decision steps; dark = masked) as a PNG heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    controller = peft_model.base_model.layer_mask
+    path = Path(path)
+    names = [unit.name.removeprefix("base_model.model.") for unit in controller.units]
+    if controller.history_masks:
+        data = torch.tensor(controller.history_masks).T.numpy()
+        steps = controller.history_steps
+    else:
+        data = torch.tensor([controller.current_keep()], dtype=torch.float32).T.numpy()
+        steps = [0]
+    height = max(3.0, 0.18 * len(names) + 1.5)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(steps) + 4), height))
+    ax.imshow(data, aspect="auto", cmap="Greys_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7, rotation=90)
+    ax.set_xlabel("optimizer step of the decision")
+    ax.set_title(f"MASM layer mask ({controller.config.layer_mask})\nwhite = trains, black = masked", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
