@@ -37,7 +37,8 @@ _FACEAPI_GROUP = {1: "faceapi-s1s2", 2: "faceapi-s1s2", 3: "faceapi-s3", 4: "fac
 
 def _faces(cropper: FaceCropper, size: int):
     def resize(crop: np.ndarray) -> Image.Image:
-        return Image.fromarray(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA))
+        interp = cv2.INTER_AREA if crop.shape[0] >= size else cv2.INTER_CUBIC  # AREA up-scales blockily
+        return Image.fromarray(cv2.resize(crop, (size, size), interpolation=interp))
     return resize
 
 
@@ -87,7 +88,7 @@ def build_real_face_corpus(cache_dir: str | os.PathLike | None = None, size: int
     ``cache_dir`` (default ``$PEFT_MASM_CACHE`` or ``~/.cache/peft_masm``)/corpus.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache("corpus")
-    key = f"v1-s{size}-{detector}-cp{carphone_frames}-lfw{int(include_lfw)}"
+    key = f"v2-s{size}-{detector}-cp{carphone_frames}-lfw{int(include_lfw)}"
     path = root / key
     if path.exists() and not rebuild:
         return datasets.load_from_disk(str(path))
@@ -144,8 +145,8 @@ def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | 
     faces = [np.asarray(im.convert("RGB")) for im in corpus["image"]]
     sources = corpus["source"]
     rows: dict[str, list] = {k: [] for k in ("image", "label", "video_id", "family", "identity", "source")}
-    pool_ids, pool = (ids, faces) if donors is None else (
-        donors["identity"], [np.asarray(im.convert("RGB")) for im in donors["image"]])
+    pool_ids, pool, pool_src = (ids, faces, sources) if donors is None else (
+        donors["identity"], [np.asarray(im.convert("RGB")) for im in donors["image"]], donors["source"])
 
     def add(img: np.ndarray, label: int, vid: str, family: str, i: int) -> None:
         rows["image"].append(Image.fromarray(img))
@@ -162,6 +163,9 @@ def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | 
                 donor = None
                 if fam == "colour_swap":
                     others = [j for j, g in enumerate(pool_ids) if g != ids[i]]
+                    # Prefer a donor from the same source (e.g. no greyscale LFW face into a colour photo).
+                    same = [j for j in others if pool_src[j] == sources[i]]
+                    others = same or others
                     if not others:
                         raise ValueError("colour_swap needs a donor of another identity: the corpus has one "
                                          "identity; pass donors=<a corpus with other identities>")

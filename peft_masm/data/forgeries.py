@@ -68,7 +68,7 @@ def self_blend(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | N
     face = _check(face)
     h, w = face.shape[:2]
     src = face.astype(np.float32)
-    src = src * rng.uniform(0.9, 1.1, size=3) + rng.uniform(-12, 12, size=3)  # per-channel gain/offset
+    src = src * rng.uniform(0.94, 1.06, size=3) + rng.uniform(-8, 8, size=3)  # per-channel gain/offset
     src = np.clip(src, 0, 255).astype(np.uint8)
     if rng.random() < 0.5:
         src = cv2.GaussianBlur(src, (0, 0), rng.uniform(0.5, 1.2))
