@@ -34,6 +34,16 @@ class MASMModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         self._layer_masks: dict[str, LayerMaskController] = {}
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Inject MASM layers; a trainable adapter is decomposed at once, a loaded one never is."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # Adapters created for training (get_peft_model, add_adapter) get their SVD now, so that edits,
+        # optimizers and wrappers see the real factors. Adapters injected in inference mode, which is
+        # how PeftModel.from_pretrained builds them before loading their weights, stay lazy: loading
+        # fills them without any SVD.
+        if not self.peft_config[adapter_name].inference_mode:
+            self.decompose(adapter_name)
+
     def _create_and_replace(
         self,
         masm_config: MASMConfig,

@@ -30,7 +30,8 @@ class MASMTrainerCallback(TrainerCallback):
     """Runs ``update_layer_mask`` in ``on_pre_optimizer_step`` (after clipping, before ``optimizer.step()``)."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
-        find_masm_model(model).update_layer_mask(state.global_step)
+        # state.global_step counts finished optimizer steps; the one about to happen is the next.
+        find_masm_model(model).update_layer_mask(state.global_step + 1)
 
 
 class MASMTrainer(Trainer):

@@ -35,7 +35,7 @@ class EffortLinear(nn.Module):
 
 
 def _effortify(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in {"q_proj", "k_proj", "v_proj", "out_proj"} and isinstance(child, nn.Linear):
                 setattr(module, child_name, EffortLinear(child))
@@ -60,7 +60,7 @@ def test_effort_configuration_equals_effort(pixels):
             layer = masm_by_name[name]
             U = layer.masm_U["default"][0]
             sign = torch.sign((U[:, 0] * e.U_res[:, 0]).sum())
-            du, dv, ds = torch.randn_like(U) * 0.2, torch.randn(U.shape[0] * 0 + layer.in_features, 1) * 0.2, 0.7
+            du, dv, ds = torch.randn_like(U) * 0.2, torch.randn(layer.in_features, 1) * 0.2, 0.7
             layer.masm_U["default"][0].add_(du)
             layer.masm_V["default"][0].add_(dv)
             layer.masm_s["default"][0].add_(ds)

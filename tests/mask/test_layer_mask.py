@@ -1,0 +1,208 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import ViTConfig, ViTForImageClassification
+
+import peft_masm
+from peft_masm import MASMConfig, calibrate_layer_mask, plot_mask_history
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8)
+
+
+def tiny_model(**config_kwargs):
+    torch.manual_seed(0)
+    base = ViTForImageClassification(ViTConfig(**SIZES, num_labels=2))
+    kwargs = dict(num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"], mask_warmup=1, mask_interval=2)
+    kwargs.update(config_kwargs)
+    model = get_peft_model(base, MASMConfig(**kwargs))
+    model.base_model.decompose()
+    return model
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)]
+
+
+def train(model, steps, optimizer=None, seed=0, first_step=1):
+    optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for step, (x, y) in enumerate(batches(steps, seed), start=first_step):
+        model(pixel_values=x, labels=y).loss.backward()
+        model.base_model.update_layer_mask(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def masm_params(model):
+    return {n: p for n, p in model.named_parameters() if "masm_" in n and p.requires_grad}
+
+
+def test_masked_layers_do_not_move_and_keep_their_optimizer_state():
+    model = tiny_model(mask_keep_ratio=0.5, mask_warmup=1, mask_interval=100)
+    optimizer = train(model, 3)  # decision at step 1, then fixed
+    controller = model.base_model.layer_mask
+    keep = controller.current_keep()
+    assert sum(keep) == len(keep) // 2
+    before = {n: p.detach().clone() for n, p in masm_params(model).items()}
+    opt_before = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in masm_params(model).items() if p in optimizer.state}
+    # PEFT resets requires_grad in both of these; the mask must survive them
+    with model.disable_adapter():
+        pass
+    model.set_adapter("default")
+    train(model, 3, optimizer, seed=1, first_step=4)
+    masked_names = {
+        n for unit, k in zip(controller.units, keep) if not k for n in masm_params(model)
+        if n.removeprefix("base_model.model.").startswith(unit.name + ".")
+    }
+    assert masked_names
+    for name, param in masm_params(model).items():
+        moved = not torch.equal(param, before[name])
+        assert moved == (name not in masked_names), name
+        if name in masked_names and name in opt_before:
+            for key, value in optimizer.state[param].items():
+                assert torch.equal(value, opt_before[name][key]), (name, key)
+    assert controller.current_keep() == keep
+
+
+def test_decisions_are_deterministic():
+    histories = []
+    for _ in range(2):
+        model = tiny_model(mask_keep_ratio=0.5, mask_granularity="subspace")
+        train(model, 6)
+        histories.append(model.base_model.layer_mask.history_masks)
+    assert histories[0] == histories[1] and len(histories[0]) == 3
+
+
+def test_masks_are_saved_with_the_adapter(tmp_path):
+    from peft import PeftModel
+
+    model = tiny_model(mask_keep_ratio=0.5)
+    train(model, 2)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(ViTForImageClassification(ViTConfig(**SIZES, num_labels=2)), tmp_path)
+    assert loaded.base_model.layer_mask.current_keep() == model.base_model.layer_mask.current_keep()
+
+
+def test_fit_bound_masks_a_layer_that_outgrew_it():
+    model = tiny_model(mask_keep_ratio=1.0, fit_bound=1.0)
+    first = model.base_model.layer_mask.units[0]
+    with torch.no_grad():
+        first.layer.masm_s["default"][0].mul_(1000.0)
+    train(model, 1)
+    keep = model.base_model.layer_mask.current_keep()
+    assert keep[0] is False and all(keep[1:])
+
+
+def test_none_mode_changes_nothing():
+    model = tiny_model(layer_mask="none")
+    train(model, 3)
+    assert model.base_model.layer_mask.history_masks == []
+    assert all(model.base_model.layer_mask.current_keep())
+
+
+def test_static_calibration():
+    model = tiny_model(layer_mask="static", mask_keep_ratio=0.25)
+
+    def loss_fn(m, batch):
+        return m(pixel_values=batch[0], labels=batch[1]).loss
+
+    keep = calibrate_layer_mask(model, batches(3), loss_fn, num_batches=2)
+    assert int(keep.sum()) == 2  # 25% of 8 layers
+    assert all(p.grad is None for p in model.parameters())
+    train(model, 2)
+    assert model.base_model.layer_mask.current_keep() == [bool(k) for k in keep.tolist()]
+
+
+def test_bad_input():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="found no gradient.*call it after loss.backward"):
+        model.base_model.update_layer_mask(1)
+    static = tiny_model(layer_mask="static")
+    with pytest.raises(RuntimeError, match="needs a calibration first"):
+        static.base_model.update_layer_mask(1)
+    with pytest.raises(ValueError, match="empty data loader"):
+        calibrate_layer_mask(static, [], lambda m, b: None, num_batches=2)
+    with pytest.raises(ValueError, match="mask_keep_ratio must be in"):
+        MASMConfig(mask_keep_ratio=0)
+    with pytest.raises(ValueError, match="mask_interval must be a positive integer"):
+        MASMConfig(mask_interval=-2)
+    from peft_masm.training import find_masm_model
+
+    with pytest.raises(ValueError, match="holds no MASM adapter"):
+        find_masm_model(torch.nn.Linear(2, 2))
+
+
+def test_heatmap_png(tmp_path):
+    model = tiny_model(mask_keep_ratio=0.5)
+    train(model, 5)
+    path = plot_mask_history(model, tmp_path / "mask.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def test_trainer_integration(tmp_path):
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    model = tiny_model(mask_keep_ratio=0.5, orthogonality_weight=0.1, spectral_weight=0.1)
+    x, y = batches(1)[0]
+    data = Dataset.from_dict({"pixel_values": x.repeat(4, 1, 1, 1).numpy(), "labels": y.repeat(4).numpy()}).with_format("torch")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=5, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", learning_rate=1e-2,
+    )
+    trainer = peft_masm.MASMTrainer(model=model, args=args, train_dataset=data)
+    assert any(isinstance(cb, peft_masm.MASMTrainerCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.train()
+    assert model.base_model.layer_mask.history_steps == [1, 3, 5]
+
+
+def _launch(tmp_path: Path, processes: int, *args: str) -> None:
+    # Several CPU processes: accelerate's --cpu launcher needs mpirun; torch's launcher (--multi_gpu) with
+    # Accelerator(cpu=True) in the script gives the same gloo process group without it.
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes)]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(tmp_path), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _compare(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert torch.equal(a["history"], b["history"]) and torch.equal(a["history_steps"], b["history_steps"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _launch(tmp_path / "one", 1, "--steps", "8")
+    _launch(tmp_path / "two", 2, "--steps", "8")
+    single = torch.load(tmp_path / "one" / "final_rank0.pt")
+    rank0 = torch.load(tmp_path / "two" / "final_rank0.pt")
+    rank1 = torch.load(tmp_path / "two" / "final_rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key  # every process took the same decisions
+    assert single["history_steps"].tolist() == [2, 4, 6, 8]
+    _compare(rank0, single)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_and_resume(tmp_path):
+    for name in ("full", "resumed", "accumulated"):
+        (tmp_path / name).mkdir()
+    _launch(tmp_path / "full", 1, "--steps", "8")
+    _launch(tmp_path / "resumed", 1, "--steps", "8", "--stop_after", "4")
+    _launch(tmp_path / "resumed", 1, "--steps", "8", "--resume")
+    _launch(tmp_path / "accumulated", 1, "--steps", "8", "--accumulation", "2")
+    full = torch.load(tmp_path / "full" / "final_rank0.pt")
+    _compare(torch.load(tmp_path / "resumed" / "final_rank0.pt"), full)
+    _compare(torch.load(tmp_path / "accumulated" / "final_rank0.pt"), full)
