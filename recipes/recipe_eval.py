@@ -1,0 +1,77 @@
+"""Scoring datasets with a detector and writing results (JSON, Markdown table, ROC plot).
+
+Shared by ``train.py`` (validation each epoch, test sets at the end) and ``evaluate.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from recipe_data import collate
+from torch.utils.data import DataLoader
+
+from peft_masm.detector import forward_logits
+from peft_masm.metrics import compute_detection_metrics, plot_roc, write_results
+
+__all__ = ["predict", "score_sets", "metrics_for"]
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, ds: Any, batch_size: int, accelerator: Any = None,
+            desc: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+    """``(labels, fake probabilities, video ids, mean cross-entropy)`` over ``ds``.
+
+    With ``accelerator`` the set is sharded over processes and gathered (each sample counted once).
+    """
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+    was_training = model.training
+    model.eval()
+    labels, scores, vids, losses = [], [], [], []
+    index = 0
+    for batch in loader:
+        logits = forward_logits(model, batch["pixel_values"]).float()
+        y = batch["labels"]
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        prob = torch.softmax(logits, dim=-1)[:, 1]
+        if accelerator is not None:
+            prob, y, loss = accelerator.gather_for_metrics((prob, y, loss))
+            vids += [str(index + i) for i in range(len(y))]  # video ids cannot be gathered as strings
+        else:
+            vids += batch["video_id"]
+        index += len(y)
+        labels.append(y.cpu())
+        scores.append(prob.cpu())
+        losses.append(loss.cpu())
+    model.train(was_training)
+    if not labels:
+        raise ValueError(f"{desc or 'the dataset'} is empty; nothing to evaluate.")
+    return (torch.cat(labels).numpy(), torch.cat(scores).numpy(), vids, float(torch.cat(losses).mean()))
+
+
+def metrics_for(labels: np.ndarray, scores: np.ndarray, video_ids: list[str], n_bootstrap: int,
+                seed: int = 0) -> dict[str, Any]:
+    """Frame metrics, plus video metrics when some video contributes several frames."""
+    several = len(set(video_ids)) < len(video_ids)
+    return compute_detection_metrics(labels, scores, video_ids=video_ids if several else None,
+                                     n_bootstrap=n_bootstrap, seed=seed)
+
+
+def score_sets(model: torch.nn.Module, sets: dict[str, Any], out_dir: str | Path, batch_size: int,
+               n_bootstrap: int = 1000, seed: int = 0, log: Any = print) -> dict[str, dict[str, Any]]:
+    """Evaluate every named set; write ``results.json``, ``results.md`` and ``roc.png`` into ``out_dir``."""
+    results: dict[str, dict[str, Any]] = {}
+    curves = {}
+    for name, ds in sets.items():
+        labels, scores, vids, _ = predict(model, ds, batch_size, desc=f"test set {name!r}")
+        results[name] = metrics_for(labels, scores, vids, n_bootstrap, seed)
+        curves[name] = (labels, scores)
+        log(f"  {name}: frame AUC {results[name]['frame_auc']:.4f} ({len(labels)} images)")
+    out = Path(out_dir)
+    write_results(results, out)
+    plot_roc(curves, out / "roc.png", title="ROC on the test sets")
+    return results
