@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import re
+import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,11 @@ from huggingface_hub.errors import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE_PATH: Path = Path(__file__).resolve().parent.parent / "model_cards" / "masm_adapter.md"
+# The template lives in the repository's model_cards/; a wheel installs it under <prefix>/share/peft_masm/.
+_TEMPLATE_NAME = "masm_adapter.md"
+_CHECKOUT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / _TEMPLATE_NAME
+_INSTALLED_TEMPLATE = Path(sysconfig.get_path("data")) / "share" / "peft_masm" / "model_cards" / _TEMPLATE_NAME
+DEFAULT_TEMPLATE_PATH: Path = _CHECKOUT_TEMPLATE if _CHECKOUT_TEMPLATE.is_file() else _INSTALLED_TEMPLATE
 TRAINING_CONFIG_NAME = "training_config.yaml"
 REQUIRED_ADAPTER_FILES: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 BASE_TAGS: tuple[str, ...] = ("peft", "masm", "deepfake-detection", "image-classification", "face-forgery-detection")
