@@ -86,6 +86,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False  # force CPU (e.g. several CPU processes under `accelerate launch --multi_gpu`)
     balance_classes: bool = True
     seed: int = 42
     num_workers: int = 0

@@ -128,10 +128,12 @@ def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
                 tests[f"held-out family: {f}"] = subset([f])
     train_labels = [int(v) for v in train["label"]]
     _check_both_classes(train_labels, "the training set")
+    extra = {t.name: load_test_set(t, processor, _face_cropper(cfg), cfg.on_error) for t in cfg.test_set_configs()}
     _check_both_classes([int(v) for v in val["label"]], "the validation set")
     out = RecipeData(
         train=with_image_processor(train, processor), val=with_image_processor(val, processor),
-        tests={k: with_image_processor(v, processor) for k, v in tests.items()}, train_labels=train_labels,
+        tests={**{k: with_image_processor(v, processor) for k, v in tests.items()}, **extra},
+        train_labels=train_labels,
         description=["peft_masm synthetic cross-forgery benchmark (packaged real faces, synthesised fakes)"],
     )
     return out

@@ -152,6 +152,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
+        cpu=cfg.cpu,
         log_with=_trackers(cfg) or None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

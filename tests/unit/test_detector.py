@@ -1,0 +1,102 @@
+"""build_detector / load_detector on a tiny CLIP made by the test (offline)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from recipe_fixtures import save_tiny_clip  # noqa: E402
+
+import peft_masm  # noqa: E402
+from peft_masm import BaseModelMismatchError, MASMConfig  # noqa: E402
+from peft_masm.detector import (  # noqa: E402
+    ID2LABEL,
+    BackboneNotAvailableError,
+    build_detector,
+    card_base_model,
+    load_detector,
+    predict_proba,
+)
+from peft_masm.hub import AdapterNotAvailableError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny") / "clip")
+
+
+def _train_a_little(model, steps: int = 3) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, torch.tensor([0, 1, 0, 1]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_build_detector_defaults(tiny):
+    model = build_detector(str(tiny))
+    config = model.peft_config["default"]
+    assert config.base_model_name_or_path == str(tiny)
+    assert "classifier" in config.modules_to_save
+    assert model.config.id2label == ID2LABEL and model.config.num_labels == 2
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier" in n for n in trainable) and any("masm_U" in n for n in trainable)
+    # decomposed eagerly: nothing is left pending
+    assert model.base_model.decompose() == 0
+
+
+def test_save_load_round_trip_gives_same_scores(tiny, tmp_path):
+    model = build_detector(str(tiny), MASMConfig(num_subspaces=2, subspace_rank=1, layer_mask="none"))
+    _train_a_little(model)
+    model.eval()
+    x = torch.randn(5, 3, 32, 32)
+    expected = predict_proba(model, x)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded, processor = load_detector(tmp_path / "adapter")
+    assert not loaded.training
+    torch.testing.assert_close(predict_proba(loaded, x), expected)
+    assert processor.crop_size["height"] == 32
+    assert ((expected >= 0) & (expected <= 1)).all()
+
+
+def test_image_size_is_honoured_with_interpolated_positions(tiny, tmp_path):
+    model = build_detector(str(tiny), MASMConfig(num_subspaces=1, subspace_rank=1, layer_mask="none"))
+    model.save_pretrained(tmp_path / "adapter")
+    loaded, processor = load_detector(tmp_path / "adapter", image_size=48)
+    assert processor.crop_size == {"height": 48, "width": 48}
+    assert predict_proba(loaded, torch.randn(2, 3, 48, 48)).shape == (2,)
+
+
+def test_adapter_for_another_base_is_refused(tiny, tmp_path):
+    model = build_detector(str(tiny), MASMConfig(num_subspaces=1, subspace_rank=1, layer_mask="none"))
+    model.save_pretrained(tmp_path / "adapter")
+    other = save_tiny_clip(tmp_path / "other", seed=1)
+    with pytest.raises(BaseModelMismatchError):
+        load_detector(tmp_path / "adapter", base_model=str(other))
+
+
+def test_unreachable_hub_ids_give_clear_errors(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(AdapterNotAvailableError, match="HF_HUB_OFFLINE|download it once"):
+        load_detector("nobody-org/no-such-adapter")
+    with pytest.raises(BackboneNotAvailableError, match="offline alias"):
+        build_detector("nobody-org/no-such-backbone")
+
+
+def test_card_base_model_maps_aliases():
+    assert card_base_model("clip-vit-b16") == "openai/clip-vit-base-patch16"
+    assert card_base_model("org/model") == "org/model"
+    assert hasattr(peft_masm, "MASMConfig")

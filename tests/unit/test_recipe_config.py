@@ -1,0 +1,89 @@
+"""Recipe configuration: YAML + command-line overrides validated into TrainConfig, with clear errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+from recipe_config import ConfigError, TrainConfig, load_config, parse_overrides  # noqa: E402
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(_yaml(tmp_path, "epochs: 3\nmasm: {num_subspaces: 2}\n"),
+                      ["--learning_rate", "1e-4", "--masm.subspace_rank=3", "--push_to_hub", "--hub_model_id", "o/n",
+                       "--train_families", "sbi,gan_upsample", "--max_grad_norm", "null", "--epochs", "5"])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.learning_rate == pytest.approx(1e-4) and isinstance(cfg.learning_rate, float)
+    assert cfg.epochs == 5
+    assert cfg.masm == {"num_subspaces": 2, "subspace_rank": 3}
+    assert cfg.push_to_hub is True and cfg.hub_model_id == "o/n"
+    assert cfg.train_families == ["sbi", "gan_upsample"]
+    assert cfg.max_grad_norm is None
+
+
+def test_unknown_key_suggests_nearest_name(tmp_path):
+    with pytest.raises(ConfigError, match="'learning_rte'.*Did you mean 'learning_rate'"):
+        load_config(_yaml(tmp_path, "learning_rte: 0.1\n"))
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):
+        load_config(None, ["--epoch", "2"])
+    with pytest.raises(ConfigError, match="'num_subspace'.*masm.*Did you mean 'num_subspaces'"):
+        load_config(None, ["--masm.num_subspace", "2"])
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--epochs", "three"], "epochs: expected an integer, got 'three'"),
+        (["--learning_rate", "fast"], "learning_rate: expected a number"),
+        (["--balance_classes", "maybe"], "balance_classes: expected true or false"),
+        (["--method", "loar"], "not one of \\['masm', 'lora'\\].*Did you mean 'lora'"),
+        (["--epochs", "0"], "epochs must be a positive integer"),
+        (["--data", "folder"], "needs train_path"),
+        (["--push_to_hub"], "needs hub_model_id"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_field_named(args, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, args)
+
+
+def test_test_sets_are_validated(tmp_path):
+    bad = "test_sets:\n  - {name: x, kind: folder, pth: /tmp}\n"
+    with pytest.raises(ConfigError, match="'pth'.*Did you mean 'path'"):
+        load_config(_yaml(tmp_path, bad))
+    with pytest.raises(ConfigError, match="missing required key"):
+        load_config(_yaml(tmp_path, "test_sets:\n  - {name: x, kind: folder}\n"))
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_yaml(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["epochs", "3"])
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.output_dir
+    if cfg.method == "masm":
+        from peft_masm import MASMConfig
+
+        MASMConfig(**cfg.masm)  # field values valid too
+    else:
+        from peft import LoraConfig
+
+        LoraConfig(**cfg.lora)
