@@ -1,0 +1,148 @@
+"""End to end at tiny size: train (accelerate), evaluate, masm-detect; two processes; resume; bad input.
+
+The model is a tiny random CLIP and the data tiny synthetic image folders, both made by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from recipe_fixtures import ACCELERATE, PYTHON, RECIPES, env, make_image_folder, save_tiny_clip, write_config
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    return save_tiny_clip(root / "clip"), make_image_folder(root / "data")
+
+
+def _run(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def _train(cfg: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    if processes == 1:
+        launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "1"]
+    else:  # several CPU processes: torch's launcher + Accelerator(cpu=True) (accelerate's --cpu needs mpirun)
+        launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes)]
+        extra = (*extra, "--cpu", "true")
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = _run([*launch, str(RECIPES / "train.py"), "--config", str(cfg), *extra])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _val_lines(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val/auc" in r]
+
+
+def test_train_evaluate_detect(assets, tmp_path):
+    clip, data = assets
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, out)
+    result = _train(cfg)
+    assert "adapter (best on validation, with model card)" in result.stdout
+    adapter = out / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "training_config.yaml",
+                 "preprocessor_config.json"):
+        assert (adapter / name).is_file(), name
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(clip)
+    # the model card train.py wrote parses, with metadata and the test results
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(adapter / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == str(clip)
+    assert "masm" in card.data.tags
+    assert card.data.eval_results and {r.dataset_name for r in card.data.eval_results} == {"tiny-test"}
+    assert yaml.safe_load((adapter / "training_config.yaml").read_text())["epochs"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["tiny-test"]["frame_auc"] <= 1.0 and "frame_auc_ci" in results["tiny-test"]
+    assert (out / "results.md").read_text().startswith("| test set |")
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "mask_history.png").stat().st_size > 1000
+    assert [r["step"] for r in _val_lines(out)] == [6, 12]
+    # checkpoints hold the adapter, not the frozen backbone
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_12", "step_6"]
+    assert not list((out / "checkpoints").rglob("model*.safetensors"))
+
+    ev = _run([PYTHON, str(RECIPES / "evaluate.py"), "--adapter", str(adapter), "--test",
+               f"mine=folder:{data}", "--n_bootstrap", "20", "--output_dir", str(tmp_path / "eval")])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["mine"]["n_frames"] == 16
+    # same adapter, same images: the same AUC as train.py's own test evaluation
+    assert evaluated["mine"]["frame_auc"] == pytest.approx(results["tiny-test"]["frame_auc"], abs=1e-6)
+
+    det = _run([PYTHON, "-m", "peft_masm.cli", "--adapter", str(adapter), "--json", "--face-detector", "none",
+                str(data / "test" / "fake")])
+    assert det.returncode == 0, det.stderr[-3000:]
+    scores = json.loads(det.stdout)
+    assert len(scores) == 8 and all(0 <= s["fake_probability"] <= 1 for s in scores)
+
+
+def test_two_processes(assets, tmp_path):
+    clip, data = assets
+    out = tmp_path / "ddp"
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, out, epochs=1)
+    _train(cfg, processes=2)
+    # 48 training images, batch 8 per process, 2 processes: 3 optimizer steps per epoch
+    assert [r["step"] for r in _val_lines(out)] == [3]
+    assert (out / "adapter" / "README.md").is_file() and (out / "results.json").is_file()
+    state = load_file(str(out / "checkpoints" / "step_3" / "adapter_state.safetensors"))
+    assert any("masm_mask" in k for k in state)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(assets, tmp_path):
+    clip, data = assets
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(write_config(tmp_path / "full.yaml", clip, data, full, checkpointing_steps=2))
+    cfg = write_config(tmp_path / "cut.yaml", clip, data, cut, checkpointing_steps=2)
+    stopped = _train(cfg, "--stop_after_step", "5")
+    assert "stopped after step 5" in stopped.stdout
+    assert not (cut / "adapter" / "README.md").exists()
+    # a checkpoint write that was interrupted half-way leaves only a temp folder, which resume ignores
+    (cut / "checkpoints" / ".tmp-step_7").mkdir()
+    resumed = _train(cfg, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in resumed.stdout and "step_5" in resumed.stdout
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+    assert _val_lines(full) == _val_lines(cut)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learnig_rate": 0.1}, "Did you mean 'learning_rate'"),
+        ({"epochs": "many"}, "epochs: expected an integer"),
+        ({"train_path": "/nonexistent/data"}, "folder not found"),
+        ({"train_split": "test", "val_split": "val", "train_path": None}, "needs train_path"),
+    ],
+)
+def test_bad_input_fails_before_training(assets, tmp_path, overrides, message):
+    clip, data = assets
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, tmp_path / "out", **overrides)
+    result = _run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg)], timeout=180)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_empty_or_one_class_training_set_is_refused(assets, tmp_path):
+    clip, _ = assets
+    data = make_image_folder(tmp_path / "data", {"train": 3, "val": 2})
+    for p in (data / "train" / "fake").iterdir():
+        p.unlink()
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, tmp_path / "out", test_sets=[])
+    result = _run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg)], timeout=180)
+    assert result.returncode == 2 and "only real samples" in result.stderr
