@@ -162,10 +162,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # Everything that can fail on bad input happens here, before any training step.
     with accelerator.main_process_first():
+        log(f"[1/4] backbone {cfg.backbone!r} (offline aliases are prepared from packaged weights on first use)")
         processor = load_image_processor(cfg.backbone, cfg.image_size)
         from recipe_data import build_data, collate
 
+        log(f"[2/4] data: {cfg.data}" + (" (packaged real faces + synthesised forgeries)" if cfg.data == "synthetic"
+                                         else f" from {cfg.train_path}"))
         data = build_data(cfg, processor)
+        log(f"      train {len(data.train)}, validation {len(data.val)}, test sets: "
+            + (", ".join(f"{k} ({len(v)})" for k, v in data.tests.items()) or "none"))
+    log(f"[3/4] detector: {cfg.method} on {cfg.backbone}")
     peft_model = build_detector(cfg.backbone, _peft_config(cfg))  # MASM's SVD runs here, once, on every rank
     is_masm = cfg.method == "masm"
     masm = peft_model.base_model if is_masm else None
@@ -269,6 +275,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             accelerator.load_state(str(path))
             log(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
 
+    log(f"[4/4] training {cfg.epochs} epoch(s), {steps_per_epoch} optimizer steps each, on {accelerator.num_processes} "
+        f"process(es) ({accelerator.device})")
     accelerator.init_trackers("masm", config={k: v for k, v in cfg.to_dict().items()
                                               if isinstance(v, (int, float, str, bool))})
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,

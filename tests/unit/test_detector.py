@@ -100,3 +100,16 @@ def test_card_base_model_maps_aliases():
     assert card_base_model("clip-vit-b16") == "openai/clip-vit-base-patch16"
     assert card_base_model("org/model") == "org/model"
     assert hasattr(peft_masm, "MASMConfig")
+
+
+def test_lora_baseline_detector(tiny, tmp_path):
+    from peft import LoraConfig
+
+    model = build_detector(str(tiny), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert "classifier" in model.peft_config["default"].modules_to_save
+    _train_a_little(model)
+    model.save_pretrained(tmp_path / "lora")
+    loaded, _ = load_detector(tmp_path / "lora")
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(predict_proba(loaded, x), predict_proba(model, x))

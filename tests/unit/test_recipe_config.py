@@ -87,3 +87,11 @@ def test_shipped_configs_validate(path):
         from peft import LoraConfig
 
         LoraConfig(**cfg.lora)
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.distributed_type is not None
