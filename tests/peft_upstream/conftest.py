@@ -39,10 +39,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tensors here are tiny: one intra-op thread per xdist worker avoids oversubscribing the cores."""
+def _offline_single_thread(monkeypatch: pytest.MonkeyPatch):
+    """Offline and one torch thread, for the tests in this directory only.
+
+    PEFT's save_pretrained asks the Hub whether ``base_model_name_or_path`` ("MLP", "TinyViT") has a
+    config.json; HF_HUB_OFFLINE=1 makes it skip that lookup instead of waiting for DNS. The tensors are
+    tiny, so one intra-op thread per xdist worker avoids oversubscribing the cores.
+    """
     import torch
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
