@@ -146,3 +146,39 @@ def test_empty_or_one_class_training_set_is_refused(assets, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", clip, data, tmp_path / "out", test_sets=[])
     result = _run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg)], timeout=180)
     assert result.returncode == 2 and "only real samples" in result.stderr
+
+
+def test_push_to_hub_uploads_adapter_card_and_config_without_printing_the_token(assets, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for the Hub test double
+    from hub_commit_double import commit_api_double
+    from hub_fixtures import hub_env
+
+    clip, data = assets
+    secret = "hf_recipeTestSecret123"
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, tmp_path / "out", epochs=1)
+    with commit_api_double() as hub:
+        environment = env()
+        environment.update(hub_env(endpoint=hub.endpoint, cache_dir=tmp_path / "cache", offline=False))
+        environment.update(HF_TOKEN=secret, PYTHONPATH=str(RECIPES.parent))
+        result = subprocess.run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg), "--push_to_hub",
+                                 "--hub_model_id", "test-org/tiny-masm"], capture_output=True, text=True,
+                                timeout=300, env=environment)
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = sorted(hub.repos["test-org/tiny-masm"].files)
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_config.yaml"]
+    assert secret not in result.stdout + result.stderr
+    assert "pushed the adapter to test-org/tiny-masm" in result.stdout
+
+
+def test_push_without_token_fails_before_training(assets, tmp_path):
+    clip, data = assets
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, tmp_path / "out", push_to_hub=True,
+                       hub_model_id="test-org/x")
+    environment = env(HF_HOME=str(tmp_path / "hf-home"))
+    environment.pop("HF_TOKEN", None)
+    result = subprocess.run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg)], capture_output=True,
+                            text=True, timeout=180, env=environment)
+    assert result.returncode == 2 and "no Hugging Face token" in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
