@@ -293,6 +293,9 @@ class Linear(nn.Module, MASMLayer):
         self._loading = (prefix, loaded)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -305,6 +308,25 @@ class Linear(nn.Module, MASMLayer):
                 continue
             A, B = self.delta_factors(name)
             result = result + ((x.to(A.dtype) @ A) @ B.T).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Each sample ``i`` gets adapter ``adapter_names[i]`` (``"__base__"``: none), as PEFT's LoRA does."""
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in sorted(set(adapter_names)):
+            if name not in self.masm_U:
+                continue
+            rows = [i for i, a in enumerate(adapter_names) if a == name]
+            A, B = self.delta_factors(name)
+            sub = x[rows]
+            result[rows] = result[rows] + ((sub.to(A.dtype) @ A) @ B.T).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

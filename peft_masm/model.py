@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -66,6 +68,32 @@ class MASMModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Mixed adapter batches: ``model(x, adapter_names=[...])`` routes each sample to its adapter."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set().union(*(layer.masm_U.keys() for _, layer in self._all_masm_layers()))
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        handles = [
+            layer.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True)
+            for _, layer in self._all_masm_layers()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _all_masm_layers(self) -> Iterator[tuple[str, MASMLayer]]:
+        return ((name, m) for name, m in self.model.named_modules() if isinstance(m, MASMLayer))
 
     # ------------------------------------------------------------------------------------ helpers
     def masm_layers(self, adapter_name: str | None = None) -> Iterator[tuple[str, MASMLayer]]:
@@ -141,3 +169,8 @@ class MASMModel(BaseTuner):
         """Delete an adapter and its layer-mask statistics."""
         super().delete_adapter(adapter_name)
         self._layer_masks.pop(adapter_name, None)
+
+
+def _pass_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs

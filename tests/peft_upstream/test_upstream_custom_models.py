@@ -47,20 +47,7 @@ UPSTREAM_EXCLUDED_CASES: dict[tuple[str, str], tuple[Callable[[dict[str, Any]], 
 
 # Upstream tests failing because of MASM tuner bugs not fixed yet: marked xfail(strict=True) by this
 # directory's conftest. Remove an entry once the tuner is fixed (the test then XPASSes, failing the run).
-_NO_MIXED_BATCHES = (
-    "MASMModel has no _enable_peft_forward_hooks: forward(..., adapter_names=[...]) is silently ignored "
-    "(every sample gets the active adapter) instead of routing each sample to its adapter, and the misuse "
-    "checks (length mismatch, training mode, merged adapters) do not raise"
-)
-UPSTREAM_KNOWN_FAILURES: dict[tuple[str, str], tuple[Callable[[dict[str, Any]], bool], str]] = {
-    ("TestMixedAdapterBatches", test): (lambda params: True, _NO_MIXED_BATCHES)
-    for test in (
-        "test_mixed_adapter_batches_mlp",
-        "test_mixed_adapter_batches_length_mismatch_raises",
-        "test_mixed_adapter_batches_training_mode_raises",
-        "test_mixed_adapter_batches_merged_raises",
-    )
-}
+UPSTREAM_KNOWN_FAILURES: dict[tuple[str, str], tuple[Callable[[dict[str, Any]], bool], str]] = {}
 
 # These tests build two differently initialised random DeepMLPs and load the adapter trained on the first
 # onto the second. MASM refuses that by design (the base-weight fingerprint check), so they run with
