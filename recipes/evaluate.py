@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_detector(args.adapter)
         from recipe_data import build_data, load_test_set
 
-        sets = {}
+        sets, subsets = {}, {}
         if cfg is not None:
             cfg.image_size = processor.crop_size.get("height") if getattr(processor, "crop_size", None) else None
-            sets.update(build_data(cfg, processor).tests)
+            built = build_data(cfg, processor)
+            sets.update(built.tests)
+            subsets.update(built.test_subsets)
         cropper = None
         if args.face_detector != "none":
             from peft_masm.data import FaceCropper
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.adapter).parent / "eval" if Path(args.adapter).is_dir() else Path("outputs/eval"))
         from recipe_eval import score_sets
 
-        score_sets(model, sets, out, args.batch_size, args.n_bootstrap, args.seed)
+        score_sets(model, sets, out, args.batch_size, args.n_bootstrap, args.seed, subsets=subsets)
     except (ConfigError, DataError, AdapterNotAvailableError, BackboneNotAvailableError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

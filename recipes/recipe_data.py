@@ -38,6 +38,8 @@ class RecipeData:
     val: Any
     tests: dict[str, Any] = field(default_factory=dict)
     train_labels: list[int] = field(default_factory=list)
+    # result name -> (test set name, row indices): metrics on part of a test set without re-scoring it
+    test_subsets: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     description: list[str] = field(default_factory=list)  # dataset names for the model card
 
 
@@ -112,20 +114,23 @@ def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
     if cfg.max_train_samples is not None:
         train = train.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(train))))
     tests: dict[str, datasets.Dataset] = {}
+    subsets: dict[str, tuple[str, list[int]]] = {}
     if len(test_faces):
         all_families = list(dict.fromkeys(cfg.train_families + cfg.test_families))
         bench = build_forgery_benchmark(test_faces, all_families, seed=cfg.seed + 2)
         fam = bench["family"]
+        whole = "held-out identities, all families"
+        tests[whole] = bench
 
-        def subset(families: list[str]) -> datasets.Dataset:
+        def rows(families: list[str]) -> tuple[str, list[int]]:
             keep = set(families) | {"real"}
-            return bench.select([i for i, f in enumerate(fam) if f in keep])
+            return whole, [i for i, f in enumerate(fam) if f in keep]
 
-        tests["held-out identities, seen families"] = subset(cfg.train_families)
+        subsets["held-out identities, seen families"] = rows(cfg.train_families)
         if cfg.test_families:
-            tests["held-out identities, held-out families"] = subset(cfg.test_families)
+            subsets["held-out identities, held-out families"] = rows(cfg.test_families)
             for f in cfg.test_families:
-                tests[f"held-out family: {f}"] = subset([f])
+                subsets[f"held-out family: {f}"] = rows([f])
     train_labels = [int(v) for v in train["label"]]
     _check_both_classes(train_labels, "the training set")
     extra = {t.name: load_test_set(t, processor, _face_cropper(cfg), cfg.on_error) for t in cfg.test_set_configs()}
@@ -133,7 +138,7 @@ def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
     out = RecipeData(
         train=with_image_processor(train, processor), val=with_image_processor(val, processor),
         tests={**{k: with_image_processor(v, processor) for k, v in tests.items()}, **extra},
-        train_labels=train_labels,
+        train_labels=train_labels, test_subsets=subsets,
         description=["peft_masm synthetic cross-forgery benchmark (packaged real faces, synthesised fakes)"],
     )
     return out

@@ -62,15 +62,27 @@ def metrics_for(labels: np.ndarray, scores: np.ndarray, video_ids: list[str], n_
 
 
 def score_sets(model: torch.nn.Module, sets: dict[str, Any], out_dir: str | Path, batch_size: int,
-               n_bootstrap: int = 1000, seed: int = 0, log: Any = print) -> dict[str, dict[str, Any]]:
-    """Evaluate every named set; write ``results.json``, ``results.md`` and ``roc.png`` into ``out_dir``."""
+               n_bootstrap: int = 1000, seed: int = 0, log: Any = print,
+               subsets: dict[str, tuple[str, list[int]]] | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate every named set; write ``results.json``, ``results.md`` and ``roc.png`` into ``out_dir``.
+
+    ``subsets`` maps a result name to ``(set name, row indices)``: metrics on those rows of a scored set,
+    without scoring the images again.
+    """
     results: dict[str, dict[str, Any]] = {}
     curves = {}
+    scored = {}
     for name, ds in sets.items():
-        labels, scores, vids, _ = predict(model, ds, batch_size, desc=f"test set {name!r}")
+        scored[name] = labels, scores, vids, _ = predict(model, ds, batch_size, desc=f"test set {name!r}")
         results[name] = metrics_for(labels, scores, vids, n_bootstrap, seed)
         curves[name] = (labels, scores)
         log(f"  {name}: frame AUC {results[name]['frame_auc']:.4f} ({len(labels)} images)")
+    for name, (parent, rows) in (subsets or {}).items():
+        labels, scores, vids, _ = scored[parent]
+        idx = np.asarray(rows, dtype=np.int64)
+        results[name] = metrics_for(labels[idx], scores[idx], [vids[i] for i in idx], n_bootstrap, seed)
+        curves[name] = (labels[idx], scores[idx])
+        log(f"  {name}: frame AUC {results[name]['frame_auc']:.4f} ({len(idx)} images)")
     out = Path(out_dir)
     write_results(results, out)
     plot_roc(curves, out / "roc.png", title="ROC on the test sets")

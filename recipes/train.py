@@ -377,7 +377,8 @@ def _finish(cfg: TrainConfig, model: torch.nn.Module, data: Any, adapter_dir: Pa
         from recipe_eval import score_sets
 
         log("evaluating the best-on-validation adapter on the test sets:")
-        results = score_sets(model, data.tests, out_dir, cfg.eval_batch_size, cfg.n_bootstrap, cfg.seed, log=log)
+        results = score_sets(model, data.tests, out_dir, cfg.eval_batch_size, cfg.n_bootstrap, cfg.seed, log=log,
+                             subsets=data.test_subsets)
         written.update(results_json=str(out_dir / "results.json"), results_md=str(out_dir / "results.md"),
                        roc_plot=str(out_dir / "roc.png"), results=results)
     save_adapter_card(adapter_dir, base_model=card_base_model(cfg.backbone), training_config=cfg.to_dict(),
