@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-sys.path.insert(0, str(RECIPES))
+sys.path.append(str(RECIPES))  # appended: recipes/evaluate.py must not shadow the `evaluate` package
 
 from recipe_config import ConfigError, TrainConfig, load_config, parse_overrides  # noqa: E402
 
