@@ -182,3 +182,21 @@ def test_push_without_token_fails_before_training(assets, tmp_path):
                             text=True, timeout=180, env=environment)
     assert result.returncode == 2 and "no Hugging Face token" in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--masm.layer_mask", "static", "--mask_calibration_batches", "2"], ["--method", "lora", "--lora.r", "2",
+                                                                          "--lora.target_modules", "[q_proj, v_proj]"]],
+    ids=["masm-static-mask", "lora-baseline"],
+)
+def test_static_mask_and_lora_baseline_train(assets, tmp_path, extra):
+    clip, data = assets
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, out, epochs=1)
+    result = _run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg), *extra])
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == ("LORA" if "lora" in extra else "MASM")
+    assert "classifier" in adapter_config["modules_to_save"]
+    assert (out / "results.json").is_file() and (out / "adapter" / "README.md").is_file()
