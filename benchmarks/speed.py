@@ -2,7 +2,7 @@
 
 Run (the table in BENCHMARKS.md, "Speed and memory")::
 
-    .venv/bin/python benchmarks/speed.py                # writes benchmarks/results/speed.json
+    .venv/bin/python benchmarks/speed.py                # writes benchmarks/results/speed.json (~10 min)
     .venv/bin/python benchmarks/speed.py --quick        # smoke run on tiny models (speed_quick.json)
 
 What it measures, all on randomly initialised CLIP vision towers with a 2-way linear head
@@ -536,15 +536,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run on tiny models, few steps")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/speed[_quick].json)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a loaded shared 2-core machine 2-thread OpenMP regions stall)")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps (ViT-B/16, clip-small x4)")
-    ap.add_argument("--steps-large", type=int, default=4, help="timed training steps for ViT-L/14")
+    ap.add_argument("--steps-large", type=int, default=0, help="timed training steps for ViT-L/14")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--infer-reps", type=int, default=8)
     ap.add_argument("--mem-repeats", type=int, default=1, help="fresh-process rounds per method")
-    ap.add_argument("--svd-repeats", type=int, default=2)
+    ap.add_argument("--svd-repeats", type=int, default=1)
     ap.add_argument("--exact-layers", type=int, default=3)
     ap.add_argument("--skip-large", action="store_true", help="leave ViT-L/14 out")
+    ap.add_argument("--batch-small", type=int, default=1, help="batch size for ViT-B/16")
+    ap.add_argument("--methods-small", default="base,lora_r8,masm_reg,masm,effort")
+    ap.add_argument("--methods-large", default="masm_reg,effort",
+                    help="ViT-L/14 step timing (masm_reg and effort are always built for the decomposition check)")
+    ap.add_argument("--workers-large", default="lora_r8,masm_reg,effort")
     ap.add_argument("--skip-workers", action="store_true", help="no fresh-process figures (development only)")
     args = ap.parse_args()
 
@@ -566,10 +572,10 @@ def main() -> None:
     else:
         small, large, mask_model = "vit-b16", "vit-l14", "clip-small"
         mask_steps = 4 * args.steps
-    b_methods = ["base", "lora_r8", "masm_reg", "masm", "effort", "lora_r1"]
-    l_methods = ["lora_r8", "masm_reg", "effort"]  # base left out of L/14 step timing: CPU time
-    l_workers = ["base", "lora_r8", "masm_reg", "effort"]
-    b_batch, l_batch = 2, 1
+    b_methods = args.methods_small.split(",")
+    l_methods = list(dict.fromkeys(args.methods_large.split(",") + ["masm_reg", "effort"]))
+    l_workers = args.workers_large.split(",")
+    b_batch, l_batch = args.batch_small, 1
     results: dict[str, Any] = {"machine": machine_facts(), "args": {k: str(v) for k, v in vars(args).items()},
                                "training": {}, "inference": {}, "workers": []}
     log(f"machine {results['machine']}")
@@ -589,7 +595,7 @@ def main() -> None:
     results["training"][small] = {"times": trained["times"], "batch_size": b_batch, "steps": args.steps,
                                   "warmup": args.warmup}
     save()
-    inf = time_inference(small, trained, ["masm_reg", "effort", "lora_r8"], ["masm_reg"],
+    inf = time_inference(small, trained, [m for m in ("masm_reg", "effort", "lora_r8") if m in b_methods], ["masm_reg"],
                          args.warmup, args.infer_reps)
     results["inference"][small] = {**inf, "batch_size": b_batch, "reps": args.infer_reps}
     del trained, inf
