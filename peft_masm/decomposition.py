@@ -11,6 +11,7 @@ precision. Several layers are decomposed concurrently: LAPACK releases the GIL.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,9 +100,20 @@ def minor_triplets_many(weights: Sequence[torch.Tensor], nums: Sequence[int]) ->
     # thread at these sizes (measured: 0.14 s vs 0.056 s for 1024 x 1024 on 2 cores).
     with threadpoolctl.threadpool_limits(1):
         if workers == 1:
-            return [minor_triplets(w, k) for w, k in zip(weights, nums)]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(minor_triplets, weights, nums))
+            results = [minor_triplets(w, k) for w, k in zip(weights, nums)]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(minor_triplets, weights, nums))
+    _release_freed_memory()
+    return results
+
+
+def _release_freed_memory() -> None:
+    """Hand the float64 work arrays back to the OS (glibc keeps freed blocks; ~700 MiB on ViT-L/14)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _fingerprint_index(numel: int) -> torch.Tensor:

@@ -225,8 +225,11 @@ class MASMLayer(BaseTunerLayer):
         U, s, V = self.factors(adapter_name)
         rank = self.masm_subspace_rank[adapter_name]
         weight = self.get_base_layer().weight
+        # ||W||_F of the frozen base weight is the first entry of its saved fingerprint.
+        energy = self.masm_fingerprint[adapter_name][0].square()
         return regularizers.layer_terms(
             weight=weight.to(torch.float32),
+            energy=energy,
             U=U,
             s=s,
             V=V,

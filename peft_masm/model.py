@@ -121,11 +121,13 @@ class MASMModel(BaseTuner):
             layer.set_decomposition(name, triplets)
         return len(todo)
 
-    def regularization_loss(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    def regularization_loss(self, adapter_name: str | None = None, compute_all: bool = False) -> dict[str, torch.Tensor]:
         """MASM's regularisers, averaged over layers: ``orthogonality``, ``spectral`` and their weighted ``total``.
 
         PEFT's ``PeftModel.forward`` bypasses the tuner for vision models, so the training loop adds
-        ``regularization_loss()["total"]`` to its task loss (``MASMTrainer`` and the recipes do).
+        ``regularization_loss()["total"]`` to its task loss (``MASMTrainer`` and the recipes do). When both
+        weights are 0 nothing is computed (``total`` is 0 and the two terms are NaN, "not computed") unless
+        ``compute_all=True``, e.g. to log the terms of an unregularised run.
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config = self.peft_config[adapter_name]
@@ -134,8 +136,11 @@ class MASMModel(BaseTuner):
             raise ValueError(f"No MASM layer holds adapter '{adapter_name}'.")
         self.decompose(adapter_name)
         device = layers[0].masm_U0[adapter_name].device
-        orthogonality = torch.zeros((), device=device)
-        spectral = torch.zeros((), device=device)
+        zero = torch.zeros((), device=device)
+        if not compute_all and config.orthogonality_weight == 0 and config.spectral_weight == 0:
+            not_computed = torch.full((), float("nan"), device=device)
+            return {"orthogonality": not_computed, "spectral": not_computed, "total": zero}
+        orthogonality, spectral = zero, zero
         for layer in layers:
             terms = layer.regularization_terms(adapter_name)
             orthogonality = orthogonality + terms["orthogonality"]
@@ -143,7 +148,6 @@ class MASMModel(BaseTuner):
         orthogonality, spectral = orthogonality / len(layers), spectral / len(layers)
         total = config.orthogonality_weight * orthogonality + config.spectral_weight * spectral
         return {"orthogonality": orthogonality, "spectral": spectral, "total": total}
-
 
     # ---------------------------------------------------------------------------------- layer mask
     @property

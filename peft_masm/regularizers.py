@@ -1,7 +1,8 @@
 """MASM's regularisers as pure functions of one layer's factors (method.md, section 2).
 
 Everything is computed from ``K*k``-column factors and small ``K*k x K*k`` Gram matrices; the only
-products with the base weight are ``W^T U`` and ``W V`` (no dense m x n matrix is formed).
+products with the base weight are ``W^T U`` and ``W V``, once each per layer (no dense m x n matrix is
+formed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ def subspace_spectral_norms(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, s
 
 
 def orthogonality_terms(
-    weight: torch.Tensor,
     U: torch.Tensor,
     V: torch.Tensor,
     U0: torch.Tensor,
@@ -37,8 +37,13 @@ def orthogonality_terms(
     V0: torch.Tensor,
     sigma_r: torch.Tensor,
     subspace_rank: int,
+    w_t_u: torch.Tensor,
+    w_v: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Cross-subspace overlap, within-subspace orthonormality and leakage into the semantic subspace."""
+    """Cross-subspace overlap, within-subspace orthonormality and leakage into the semantic subspace.
+
+    ``w_t_u = W^T U`` and ``w_v = W V`` are the only products with the base weight.
+    """
     total = U.shape[1]
     same = _block_diagonal(total, subspace_rank, U.device)
     eye = torch.eye(total, device=U.device)
@@ -47,14 +52,13 @@ def orthogonality_terms(
     cross = 0.5 * (((gram_u.square() + gram_v.square()) * (1 - same)).sum())
     within = (((gram_u - eye).square() + (gram_v - eye).square()) * same).sum()
     # W_P = W - U0 diag(s0) V0^T, applied without forming it.
-    principal_t_u = weight.T @ U - V0 @ (s0[:, None] * (U0.T @ U))
-    principal_v = weight @ V - U0 @ (s0[:, None] * (V0.T @ V))
+    principal_t_u = w_t_u - V0 @ (s0[:, None] * (U0.T @ U))
+    principal_v = w_v - U0 @ (s0[:, None] * (V0.T @ V))
     leakage = (principal_t_u.square().sum() + principal_v.square().sum()) / sigma_r.square().clamp_min(1e-24)
     return {"cross": cross, "within": within, "leakage": leakage}
 
 
 def spectral_terms(
-    weight: torch.Tensor,
     U: torch.Tensor,
     s: torch.Tensor,
     V: torch.Tensor,
@@ -64,11 +68,15 @@ def spectral_terms(
     sigma_r: torch.Tensor,
     subspace_rank: int,
     fit_bound: float,
+    w_t_u: torch.Tensor,
+    energy: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """Energy drift of ``W' = W + Delta`` and the fit bound on each artifact subspace."""
-    energy = weight.square().sum()
+    """Energy drift of ``W' = W + Delta`` and the fit bound on each artifact subspace.
+
+    ``energy`` is ``||W||_F^2`` of the frozen base weight.
+    """
     # ||W'||^2 - ||W||^2 = 2 <W_P, M> + ||M||^2 - ||M0||^2 with M = U diag(s) V^T (W_P is orthogonal to M0).
-    u_t_w_v = (weight.T @ U).T @ V
+    u_t_w_v = w_t_u.T @ V
     u_t_m0_v = (U.T @ U0) @ (s0[:, None] * (V0.T @ V))
     inner = (s * torch.diagonal(u_t_w_v - u_t_m0_v)).sum()
     norm_m = (s[:, None] * s[None, :] * (U.T @ U) * (V.T @ V)).sum()
@@ -89,8 +97,16 @@ def layer_terms(
     sigma_r: torch.Tensor,
     subspace_rank: int,
     fit_bound: float,
+    energy: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One layer's ``orthogonality`` and ``spectral`` values (unweighted)."""
-    orth = orthogonality_terms(weight, U, V, U0, s0, V0, sigma_r, subspace_rank)
-    spec = spectral_terms(weight, U, s, V, U0, s0, V0, sigma_r, subspace_rank, fit_bound)
+    """One layer's ``orthogonality`` and ``spectral`` values (unweighted).
+
+    ``energy`` (``||W||_F^2``) may be passed when known, to skip a pass over the weight.
+    """
+    w_t_u = weight.T @ U
+    w_v = weight @ V
+    if energy is None:
+        energy = weight.square().sum()
+    orth = orthogonality_terms(U, V, U0, s0, V0, sigma_r, subspace_rank, w_t_u, w_v)
+    spec = spectral_terms(U, s, V, U0, s0, V0, sigma_r, subspace_rank, fit_bound, w_t_u, energy)
     return {"orthogonality": orth["cross"] + orth["within"] + orth["leakage"], "spectral": spec["drift"] + spec["fit"]}

@@ -66,3 +66,12 @@ def test_regularization_loss_is_zero_at_init_and_differentiable():
     terms["total"].backward()
     grads = [p.grad for n, p in model.named_parameters() if "masm_U" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_unweighted_terms_are_skipped_unless_asked_for():
+    model = get_peft_model(tiny_vit(), MASMConfig(num_subspaces=2, subspace_rank=2, init_weights=False))
+    skipped = model.base_model.regularization_loss()
+    assert float(skipped["total"]) == 0.0
+    assert torch.isnan(skipped["orthogonality"]) and torch.isnan(skipped["spectral"])
+    computed = model.base_model.regularization_loss(compute_all=True)
+    assert float(computed["orthogonality"]) > 0 and float(computed["total"]) == 0.0
