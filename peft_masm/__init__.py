@@ -22,16 +22,25 @@ __all__ = [
     "MASMModel",
     "MASMTrainer",
     "MASMTrainerCallback",
+    "build_detector",
     "calibrate_layer_mask",
     "default_target_modules",
+    "load_detector",
     "plot_mask_history",
 ]
 
+_LAZY = {
+    # Imported on first use: they pull in transformers.Trainer / the Hub client (slow to import).
+    "MASMTrainer": "training",
+    "MASMTrainerCallback": "training",
+    "build_detector": "detector",
+    "load_detector": "detector",
+}
+
 
 def __getattr__(name: str):
-    # The Trainer integration imports transformers.Trainer (slow); load it only when asked for.
-    if name in ("MASMTrainer", "MASMTrainerCallback"):
-        from . import training
+    if name in _LAZY:
+        import importlib
 
-        return getattr(training, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'peft_masm' has no attribute {name!r}")
