@@ -19,6 +19,7 @@ Commands (one per table)
   python benchmarks/generalization.py sweep   [--backbone clip-vit-b16]   # validation-only selection
   python benchmarks/generalization.py table   [--backbone clip-vit-b16]   # 3 seeds, test once, plot
   python benchmarks/generalization.py quant                               # INT8 noise vs minor spectrum
+  (``table --group main`` and ``table --group ablation`` split the table in two; ``report`` merges them)
 Add ``--quick`` for a smoke run (1 seed, 1 epoch, few methods).
 """
 
@@ -380,7 +381,7 @@ def train_one(backbone: Backbone, data: dict[str, Any], num_blocks: int, method:
         res.mask_history = [list(m) for m in tuner.layer_mask.history_masks]
     if tuner is not None:
         with torch.no_grad():
-            reg = tuner.regularization_loss()
+            reg = tuner.regularization_loss(compute_all=True)
         res.reg = {k: float(v) for k, v in reg.items()}
     if score_test:
         with torch.no_grad():
@@ -768,9 +769,23 @@ def plot_quant(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def cmd_report(args) -> dict[str, Any]:
+    """Merge the 'main' and 'ablation' tables into one table, markdown and plot (no training)."""
+    parts = [json.loads(_out_path(args, f"table_{g}").read_text()) for g in ("main", "ablation")]
+    merged = {**parts[0], "summary": {**parts[0]["summary"], **parts[1]["summary"]},
+              "runs": parts[0]["runs"] + parts[1]["runs"],
+              "wall_seconds": {"main": parts[0]["wall_seconds"], "ablation": parts[1]["wall_seconds"]}}
+    out = _out_path(args, "table")
+    out.write_text(json.dumps(merged, indent=1))
+    plot_table(merged, out.with_suffix(".png"))
+    print(markdown_table(merged))
+    print(f"[report] wrote {out} and {out.with_suffix('.png')}")
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("sweep", "table", "quant"))
+    parser.add_argument("command", choices=("sweep", "table", "quant", "report"))
     parser.add_argument("--backbone", default="clip-vit-b16", choices=("clip-vit-b16", "dinov2-s14"))
     parser.add_argument("--size", type=int, default=112, help="input size; forgeries are synthesised at it")
     parser.add_argument("--blocks", type=int, default=1, help="adapt the last N transformer blocks")
@@ -790,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "table" and not args.methods:
             args.methods = ["linear-probe", "effort", "masm"]
     commands: dict[str, Callable[[Any], dict[str, Any]]] = {"sweep": cmd_sweep, "table": cmd_table,
-                                                            "quant": cmd_quant}
+                                                            "quant": cmd_quant, "report": cmd_report}
     commands[args.command](args)
 
 
