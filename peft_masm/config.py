@@ -133,10 +133,12 @@ class MASMConfig(PeftConfig):
         },
     )
     layer_mask: Literal["dynamic", "static", "none"] = field(
-        default="dynamic",
+        default="none",
         metadata={
-            "help": "Selective layer mask: 'dynamic' (periodic GSNR decisions during training), 'static' "
-            "(a calibration pass before training), or 'none' (every adapter trains)."
+            "help": "Selective layer mask: 'dynamic' (periodic GSNR decisions during training, the paper's "
+            "mask), 'static' (a calibration pass before training), or 'none' (every adapter trains). The "
+            "default is 'none' because our benchmark found the dynamic mask's fit-bound rule freezing every "
+            "layer early when sigma_r is tiny (BENCHMARKS.md)."
         },
     )
     mask_granularity: Literal["layer", "subspace"] = field(

@@ -17,7 +17,8 @@ SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
 def tiny_model(**config_kwargs):
     torch.manual_seed(0)
     base = ViTForImageClassification(ViTConfig(**SIZES, num_labels=2))
-    kwargs = dict(num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"], mask_warmup=1, mask_interval=2)
+    kwargs = dict(num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"], mask_warmup=1, mask_interval=2,
+                  layer_mask="dynamic")
     kwargs.update(config_kwargs)
     model = get_peft_model(base, MASMConfig(**kwargs))
     model.base_model.decompose()

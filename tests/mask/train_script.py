@@ -32,7 +32,7 @@ sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
 model = ViTForImageClassification(ViTConfig(**sizes, num_labels=2))
 config = peft_masm.MASMConfig(
     num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"], mask_warmup=2, mask_interval=2,
-    mask_keep_ratio=0.5, mask_granularity=args.granularity, orthogonality_weight=0.01, spectral_weight=0.01,
+    mask_keep_ratio=0.5, mask_granularity=args.granularity, layer_mask="dynamic", orthogonality_weight=0.01, spectral_weight=0.01,
 )
 model = get_peft_model(model, config)
 model.base_model.decompose()  # once, before wrapping, identically on every process
