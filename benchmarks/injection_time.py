@@ -1,0 +1,37 @@
+"""Time get_peft_model (incl. MASM's SVD) on a CLIP ViT-L/14-shaped vision model against a per-layer
+torch.linalg.svd of the same 96 attention weights, in one run.
+
+Run: ``.venv/bin/python benchmarks/injection_time.py`` (2 cores; about a minute).
+"""
+
+import time
+
+import torch
+from peft import get_peft_model
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+import peft_masm
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+        image_size=224,
+    )
+    for label, kwargs in [("effort (K=1, k=1)", {"num_subspaces": 1, "subspace_rank": 1}), ("default", {})]:
+        model = CLIPVisionModel(config)
+        start = time.perf_counter()
+        peft_model = get_peft_model(model, peft_masm.MASMConfig(**kwargs))
+        seconds = time.perf_counter() - start
+        layers = [m for m in peft_model.modules() if isinstance(m, peft_masm.MASMLayer)]
+        print(f"{label}: get_peft_model incl. SVD of {len(layers)} matrices: {seconds:.2f} s", flush=True)
+    start = time.perf_counter()
+    for layer in layers:
+        torch.linalg.svd(layer.get_base_layer().weight, full_matrices=False)
+    seconds = time.perf_counter() - start
+    print(f"baseline: per-layer torch.linalg.svd (float32, {torch.get_num_threads()} threads): {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
