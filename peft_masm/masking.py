@@ -64,6 +64,7 @@ class LayerMaskController:
         self.calibrated = False
         self.history_steps: list[int] = []
         self.history_masks: list[list[float]] = []
+        self._keep: list[bool] | None = None  # cache of the masm_mask buffers (no device sync per step)
 
     # ---------------------------------------------------------------------------------- statistics
     def _grads(self) -> list[list[torch.Tensor | None]]:
@@ -132,6 +133,7 @@ class LayerMaskController:
         for unit, value in zip(self.units, keep.tolist()):
             mask = unit.layer.masm_mask[self.adapter_name]
             mask[unit.subspaces] = value
+        self._keep = [bool(v) for v in keep.tolist()]
 
     def current_keep(self) -> list[bool]:
         """Whether each unit trains now, read from the layers' ``masm_mask`` buffers."""
@@ -141,8 +143,10 @@ class LayerMaskController:
 
     def drop_masked_gradients(self) -> int:
         """Set the gradients of masked units to ``None``; returns how many units were masked."""
+        if self._keep is None:  # first step: read the buffers once (they may come from a saved adapter)
+            self._keep = self.current_keep()
         masked = 0
-        for unit, keep in zip(self.units, self.current_keep()):
+        for unit, keep in zip(self.units, self._keep):
             if keep:
                 continue
             masked += 1
@@ -197,6 +201,7 @@ class LayerMaskController:
         self.calibrated = bool(state["calibrated"])
         self.history_steps = list(state["history_steps"])
         self.history_masks = [list(row) for row in state["history_masks"]]
+        self._keep = None  # the masks themselves are model buffers, restored with the model
 
 
 def calibrate_layer_mask(peft_model, dataloader, loss_fn, num_batches: int = 8) -> torch.Tensor:
