@@ -29,63 +29,6 @@ def subspace_spectral_norms(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, s
     return torch.linalg.matrix_norm(core, ord=2)
 
 
-def orthogonality_terms(
-    U: torch.Tensor,
-    V: torch.Tensor,
-    U0: torch.Tensor,
-    s0: torch.Tensor,
-    V0: torch.Tensor,
-    sigma_r: torch.Tensor,
-    subspace_rank: int,
-    w_t_u: torch.Tensor,
-    w_v: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Cross-subspace overlap, within-subspace orthonormality and leakage into the semantic subspace.
-
-    ``w_t_u = W^T U`` and ``w_v = W V`` are the only products with the base weight.
-    """
-    total = U.shape[1]
-    same = _block_diagonal(total, subspace_rank, U.device)
-    eye = torch.eye(total, device=U.device)
-    gram_u, gram_v = U.T @ U, V.T @ V
-    # sum_{i<j} ||U_i^T U_j||^2 is half the off-block-diagonal mass of the symmetric Gram matrix.
-    cross = 0.5 * (((gram_u.square() + gram_v.square()) * (1 - same)).sum())
-    within = (((gram_u - eye).square() + (gram_v - eye).square()) * same).sum()
-    # W_P = W - U0 diag(s0) V0^T, applied without forming it.
-    principal_t_u = w_t_u - V0 @ (s0[:, None] * (U0.T @ U))
-    principal_v = w_v - U0 @ (s0[:, None] * (V0.T @ V))
-    leakage = (principal_t_u.square().sum() + principal_v.square().sum()) / sigma_r.square().clamp_min(1e-24)
-    return {"cross": cross, "within": within, "leakage": leakage}
-
-
-def spectral_terms(
-    U: torch.Tensor,
-    s: torch.Tensor,
-    V: torch.Tensor,
-    U0: torch.Tensor,
-    s0: torch.Tensor,
-    V0: torch.Tensor,
-    sigma_r: torch.Tensor,
-    subspace_rank: int,
-    fit_bound: float,
-    w_t_u: torch.Tensor,
-    energy: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Energy drift of ``W' = W + Delta`` and the fit bound on each artifact subspace.
-
-    ``energy`` is ``||W||_F^2`` of the frozen base weight.
-    """
-    # ||W'||^2 - ||W||^2 = 2 <W_P, M> + ||M||^2 - ||M0||^2 with M = U diag(s) V^T (W_P is orthogonal to M0).
-    u_t_w_v = w_t_u.T @ V
-    u_t_m0_v = (U.T @ U0) @ (s0[:, None] * (V0.T @ V))
-    inner = (s * torch.diagonal(u_t_w_v - u_t_m0_v)).sum()
-    norm_m = (s[:, None] * s[None, :] * (U.T @ U) * (V.T @ V)).sum()
-    drift = ((2 * inner + norm_m - s0.square().sum()) / energy.clamp_min(1e-24)).square()
-    norms = subspace_spectral_norms(U, s, V, subspace_rank)
-    fit = (torch.relu(norms - fit_bound * sigma_r).square().sum()) / sigma_r.square().clamp_min(1e-24)
-    return {"drift": drift, "fit": fit}
-
-
 def layer_terms(
     weight: torch.Tensor,
     U: torch.Tensor,
@@ -101,12 +44,31 @@ def layer_terms(
 ) -> dict[str, torch.Tensor]:
     """One layer's ``orthogonality`` and ``spectral`` values (unweighted).
 
-    ``energy`` (``||W||_F^2``) may be passed when known, to skip a pass over the weight.
+    ``energy`` (``||W||_F^2`` of the frozen base weight) may be passed when known, to skip a pass
+    over the weight. Every product below is computed once and shared by both terms.
     """
-    w_t_u = weight.T @ U
-    w_v = weight @ V
+    total = U.shape[1]
+    same = _block_diagonal(total, subspace_rank, U.device)
+    eye = torch.eye(total, device=U.device)
+    sr2 = sigma_r.square().clamp_min(1e-24)
     if energy is None:
         energy = weight.square().sum()
-    orth = orthogonality_terms(U, V, U0, s0, V0, sigma_r, subspace_rank, w_t_u, w_v)
-    spec = spectral_terms(U, s, V, U0, s0, V0, sigma_r, subspace_rank, fit_bound, w_t_u, energy)
-    return {"orthogonality": orth["cross"] + orth["within"] + orth["leakage"], "spectral": spec["drift"] + spec["fit"]}
+    w_t_u, w_v = weight.T @ U, weight @ V
+    gram_u, gram_v = U.T @ U, V.T @ V
+    u0_t_u, v0_t_v = U0.T @ U, V0.T @ V
+
+    # Orthogonality. sum_{i<j} ||U_i^T U_j||^2 is half the off-block-diagonal mass of the Gram matrix.
+    cross = 0.5 * ((gram_u.square() + gram_v.square()) * (1 - same)).sum()
+    within = (((gram_u - eye).square() + (gram_v - eye).square()) * same).sum()
+    # Leakage into W_P = W - U0 diag(s0) V0^T, applied without forming it.
+    principal_t_u = w_t_u - V0 @ (s0[:, None] * u0_t_u)
+    principal_v = w_v - U0 @ (s0[:, None] * v0_t_v)
+    leakage = (principal_t_u.square().sum() + principal_v.square().sum()) / sr2
+
+    # Spectral consistency. ||W'||^2 - ||W||^2 = 2 <W_P, M> + ||M||^2 - ||M0||^2, M = U diag(s) V^T.
+    inner = (s * torch.diagonal(w_t_u.T @ V - u0_t_u.T @ (s0[:, None] * v0_t_v))).sum()
+    norm_m = (s[:, None] * s[None, :] * gram_u * gram_v).sum()
+    drift = ((2 * inner + norm_m - s0.square().sum()) / energy.clamp_min(1e-24)).square()
+    norms = subspace_spectral_norms(U, s, V, subspace_rank)
+    fit = torch.relu(norms - fit_bound * sigma_r).square().sum() / sr2
+    return {"orthogonality": cross + within + leakage, "spectral": drift + fit}
