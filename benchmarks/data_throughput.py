@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from peft_masm.data.assets import fetch_asset
+from peft_masm.assets import fetch_asset
 from peft_masm.data.faces import FaceCropper
 from peft_masm.data.forgeries import FAMILIES
 from peft_masm.data.video import read_video_frames
@@ -41,8 +41,10 @@ def main() -> None:
         FAMILIES[names[i % len(names)]](c, rng, donor=crops[(i + 1) % len(crops)])
     t3 = time.perf_counter()
     n = len(frames)
-    print(f"decode {n / (t1 - t0):.1f} img/s | face crop {n / (t2 - t1):.1f} img/s ({len(crops)}/{n} faces) | "
-          f"synthesis {len(crops) / (t3 - t2):.1f} img/s | end-to-end {n / (t3 - t0):.1f} img/s")
+    print(
+        f"decode {n / (t1 - t0):.1f} img/s | face crop {n / (t2 - t1):.1f} img/s ({len(crops)}/{n} faces) | "
+        f"synthesis {len(crops) / (t3 - t2):.1f} img/s | end-to-end {n / (t3 - t0):.1f} img/s"
+    )
     for name, fn in FAMILIES.items():
         t = time.perf_counter()
         for c in crops[:20]:
@@ -50,8 +52,10 @@ def main() -> None:
         print(f"  {name}: {20 / (time.perf_counter() - t):.0f} img/s")
     step = training_step_images_per_second(crops, args.batch, args.image_size)
     data = n / (t3 - t0)
-    print(f"training step (CLIP ViT-B/16 + MASM, batch {args.batch}, {args.image_size} px): {step:.1f} img/s | "
-          f"data preparation / training step = {data / step:.1f}x")
+    print(
+        f"training step (CLIP ViT-B/16 + MASM, batch {args.batch}, {args.image_size} px): {step:.1f} img/s | "
+        f"data preparation / training step = {data / step:.1f}x"
+    )
 
 
 def training_step_images_per_second(crops: list[np.ndarray], batch: int, image_size: int) -> float:
@@ -61,20 +65,33 @@ def training_step_images_per_second(crops: list[np.ndarray], batch: int, image_s
 
     import peft_masm
 
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  patch_size=16, image_size=image_size)
+    vision = dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        patch_size=16,
+        image_size=image_size,
+    )
     model = CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=2))
     model = get_peft_model(model, peft_masm.MASMConfig(modules_to_save=["classifier"]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    resized = [torch.nn.functional.interpolate(
-        torch.from_numpy(c).permute(2, 0, 1)[None].float() / 255, size=(image_size, image_size), mode="bilinear")
-        for c in crops]
+    resized = [
+        torch.nn.functional.interpolate(
+            torch.from_numpy(c).permute(2, 0, 1)[None].float() / 255,
+            size=(image_size, image_size),
+            mode="bilinear",
+        )
+        for c in crops
+    ]
     pixels = torch.cat([resized[i % len(resized)] for i in range(batch)])
     labels = torch.arange(batch) % 2
     times = []
     for step in range(1, 6):
         t = time.perf_counter()
-        loss = model(pixel_values=pixels, labels=labels).loss + model.base_model.regularization_loss()["total"]
+        loss = (
+            model(pixel_values=pixels, labels=labels).loss + model.base_model.regularization_loss()["total"]
+        )
         loss.backward()
         model.base_model.update_layer_mask(step)
         optimizer.step()

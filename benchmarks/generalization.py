@@ -111,7 +111,9 @@ class Tail(nn.Module):
     def __init__(self, backbone: Backbone, num_blocks: int) -> None:
         super().__init__()
         self.kind = backbone.kind
-        self.layers = nn.ModuleList(copy.deepcopy(b) for b in backbone.blocks[len(backbone.blocks) - num_blocks:])
+        self.layers = nn.ModuleList(
+            copy.deepcopy(b) for b in backbone.blocks[len(backbone.blocks) - num_blocks :]
+        )
         hidden = backbone.model.config.hidden_size
         if self.kind == "clip":  # CLIPForImageClassification: mean of the patch tokens, no final norm
             self.norm: nn.Module = nn.Identity()
@@ -143,7 +145,7 @@ def _select_groups(corpus, spec: Sequence[str]):
         if not members:
             raise ValueError(f"identity group {group!r} is not in the corpus (have {sorted(set(ids))})")
         if rng:
-            members = members[int(rng[0]):int(rng[1])]
+            members = members[int(rng[0]) : int(rng[1])]
         rows += members
     return corpus.select(rows)
 
@@ -158,13 +160,16 @@ def build_splits(size: int, seed: int) -> dict[str, Any]:
     for k, (split, groups) in enumerate(SPLIT_GROUPS.items()):
         faces = _select_groups(corpus, groups)
         families = TRAIN_FAMILIES if split == "train" else TRAIN_FAMILIES + HELDOUT_FAMILIES
-        out[split] = build_forgery_benchmark(faces, families=families, seed=seed * 10 + k,
-                                             fakes_per_face=1 if split == "train" else 2)
+        out[split] = build_forgery_benchmark(
+            faces, families=families, seed=seed * 10 + k, fakes_per_face=1 if split == "train" else 2
+        )
     return out
 
 
 @torch.no_grad()
-def cached_prefix(backbone: Backbone, size: int, num_blocks: int, data_seed: int) -> dict[str, dict[str, Any]]:
+def cached_prefix(
+    backbone: Backbone, size: int, num_blocks: int, data_seed: int
+) -> dict[str, dict[str, Any]]:
     """Prefix hidden states (float16) + labels/families per split, computed once and cached on disk."""
     key = f"{DATA_VERSION}-{backbone.name}-s{size}-b{num_blocks}-d{data_seed}.pt"
     path = cache_root() / key
@@ -179,8 +184,8 @@ def cached_prefix(backbone: Backbone, size: int, num_blocks: int, data_seed: int
                 h = data[split]["hidden"]
                 outs = []
                 for start in range(0, len(h), 64):
-                    x = h[start:start + 64].float()
-                    for block in backbone.blocks[n - more:n - num_blocks]:
+                    x = h[start : start + 64].float()
+                    for block in backbone.blocks[n - more : n - num_blocks]:
                         x = block(x, None)
                     outs.append(x.to(torch.float16))
                 data[split]["hidden"] = torch.cat(outs)
@@ -195,15 +200,24 @@ def cached_prefix(backbone: Backbone, size: int, num_blocks: int, data_seed: int
         meta = ds.remove_columns("image")
         hs = []
         for start in range(0, len(ds), 32):
-            imgs = ds[start:start + 32]["image"]
+            imgs = ds[start : start + 32]["image"]
             arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in imgs])
             px = (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
             hs.append(backbone.prefix(px, num_blocks).to(torch.float16))
-        out[split] = {"hidden": torch.cat(hs), "label": torch.tensor(meta["label"]),
-                      "family": list(meta["family"]), "identity": list(meta["identity"])}
-    out["_meta"] = {"seconds": time.perf_counter() - t0,
-                    "counts": {s: {"images": len(v["label"]), "real": int((v["label"] == 0).sum())}
-                               for s, v in out.items() if not s.startswith("_")}}
+        out[split] = {
+            "hidden": torch.cat(hs),
+            "label": torch.tensor(meta["label"]),
+            "family": list(meta["family"]),
+            "identity": list(meta["identity"]),
+        }
+    out["_meta"] = {
+        "seconds": time.perf_counter() - t0,
+        "counts": {
+            s: {"images": len(v["label"]), "real": int((v["label"] == 0).sum())}
+            for s, v in out.items()
+            if not s.startswith("_")
+        },
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(out, tmp)
@@ -230,14 +244,22 @@ class Method:
     lora_rank: int = 8
 
 
-ATTN = {"clip": ["q_proj", "k_proj", "v_proj", "out_proj"], "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+ATTN = {
+    "clip": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
 
 
 def masm_methods(ortho: float, spectral: float) -> list[Method]:
     """MASM and its ablations; ``ortho``/``spectral`` are the full method's loss weights."""
     lrs = (1e-3, 3e-3)
-    full = dict(num_subspaces=4, subspace_rank=2, orthogonality_weight=ortho, spectral_weight=spectral,
-                layer_mask="dynamic")
+    full = dict(
+        num_subspaces=4,
+        subspace_rank=2,
+        orthogonality_weight=ortho,
+        spectral_weight=spectral,
+        layer_mask="dynamic",
+    )
     return [
         Method("masm", "masm", lrs, full),
         Method("masm-no-mask", "masm", lrs, {**full, "layer_mask": "none"}),
@@ -253,15 +275,25 @@ def all_methods(ortho: float = 0.1, spectral: float = 0.1) -> list[Method]:
         Method("linear-probe", "probe", (1e-3, 3e-3, 1e-2)),
         Method("full-ft", "full", (3e-5, 1e-4)),
         Method("lora-r8", "lora", (1e-3, 3e-3)),
-        Method("effort", "masm", (1e-3, 3e-3),
-               dict(num_subspaces=1, subspace_rank=1, layer_mask="none", orthogonality_weight=0.0,
-                    spectral_weight=0.0)),
+        Method(
+            "effort",
+            "masm",
+            (1e-3, 3e-3),
+            dict(
+                num_subspaces=1,
+                subspace_rank=1,
+                layer_mask="none",
+                orthogonality_weight=0.0,
+                spectral_weight=0.0,
+            ),
+        ),
         *masm_methods(ortho, spectral),
     ]
 
 
-def make_model(backbone: Backbone, num_blocks: int, method: Method, seed: int,
-               mask_steps: tuple[int, int] | None = None) -> tuple[nn.Module, Any]:
+def make_model(
+    backbone: Backbone, num_blocks: int, method: Method, seed: int, mask_steps: tuple[int, int] | None = None
+) -> tuple[nn.Module, Any]:
     """The trainable tail for ``method`` and, for MASM, its ``MASMModel`` (else None)."""
     from peft import LoraConfig, get_peft_model
 
@@ -276,8 +308,13 @@ def make_model(backbone: Backbone, num_blocks: int, method: Method, seed: int,
         tail.classifier.requires_grad_(True)
         return tail, None
     if method.kind == "lora":
-        cfg = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_rank, target_modules=targets,
-                         modules_to_save=["classifier"], lora_dropout=0.0)
+        cfg = LoraConfig(
+            r=method.lora_rank,
+            lora_alpha=method.lora_rank,
+            target_modules=targets,
+            modules_to_save=["classifier"],
+            lora_dropout=0.0,
+        )
         return get_peft_model(tail, cfg), None
     kwargs = dict(method.masm)
     if mask_steps is not None and kwargs.get("layer_mask", "dynamic") == "dynamic":
@@ -305,7 +342,9 @@ def auc(labels: torch.Tensor, scores: torch.Tensor) -> float:
 @torch.no_grad()
 def predict(model: nn.Module, hidden: torch.Tensor, batch: int = 128) -> torch.Tensor:
     model.eval()
-    out = [torch.softmax(model(hidden[i:i + batch].float()), -1)[:, 1] for i in range(0, len(hidden), batch)]
+    out = [
+        torch.softmax(model(hidden[i : i + batch].float()), -1)[:, 1] for i in range(0, len(hidden), batch)
+    ]
     return torch.cat(out)
 
 
@@ -325,8 +364,18 @@ class RunResult:
     reg: dict[str, float] | None = None
 
 
-def train_one(backbone: Backbone, data: dict[str, Any], num_blocks: int, method: Method, lr: float, seed: int,
-              epochs: int, batch: int, head_lr: float = 1e-3, score_test: bool = False) -> RunResult:
+def train_one(
+    backbone: Backbone,
+    data: dict[str, Any],
+    num_blocks: int,
+    method: Method,
+    lr: float,
+    seed: int,
+    epochs: int,
+    batch: int,
+    head_lr: float = 1e-3,
+    score_test: bool = False,
+) -> RunResult:
     """Train ``method`` on the training split; keep the epoch with the best validation AUC.
 
     The test split is scored only when ``score_test`` (the final table), at that epoch.
@@ -341,7 +390,9 @@ def train_one(backbone: Backbone, data: dict[str, Any], num_blocks: int, method:
     model, tuner = make_model(backbone, num_blocks, method, seed, mask_steps)
     trainable, head = trainable_parameters(model)
     if method.kind == "probe":
-        return _train_probe(model, data, x, y, xv, yv, method, lr, seed, epochs, batch, score_test, trainable, head)
+        return _train_probe(
+            model, data, x, y, xv, yv, method, lr, seed, epochs, batch, score_test, trainable, head
+        )
     head_params = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
     body_params = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
     groups = [{"params": head_params, "lr": head_lr if method.kind != "probe" else lr}]
@@ -350,7 +401,9 @@ def train_one(backbone: Backbone, data: dict[str, Any], num_blocks: int, method:
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     weights = torch.tensor([float(len(y)) / (2 * (y == c).sum().item()) for c in (0, 1)])
     loss_fn = nn.CrossEntropyLoss(weight=weights)
-    use_reg = tuner is not None and (method.masm.get("orthogonality_weight", 0) or method.masm.get("spectral_weight", 0))
+    use_reg = tuner is not None and (
+        method.masm.get("orthogonality_weight", 0) or method.masm.get("spectral_weight", 0)
+    )
     gen = torch.Generator().manual_seed(seed)
     best = (-1.0, -1, None)
     curve = []
@@ -360,7 +413,7 @@ def train_one(backbone: Backbone, data: dict[str, Any], num_blocks: int, method:
         model.train()
         perm = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch):
-            idx = perm[start:start + batch]
+            idx = perm[start : start + batch]
             loss = loss_fn(model(x[idx].float()), y[idx])
             if use_reg:
                 loss = loss + tuner.regularization_loss()["total"]
@@ -392,15 +445,29 @@ def train_one(backbone: Backbone, data: dict[str, Any], num_blocks: int, method:
     return res
 
 
-def _train_probe(tail: Tail, data, x, y, xv, yv, method: Method, lr: float, seed: int, epochs: int, batch: int,
-                 score_test: bool, trainable: int, head: int) -> RunResult:
+def _train_probe(
+    tail: Tail,
+    data,
+    x,
+    y,
+    xv,
+    yv,
+    method: Method,
+    lr: float,
+    seed: int,
+    epochs: int,
+    batch: int,
+    score_test: bool,
+    trainable: int,
+    head: int,
+) -> RunResult:
     """Linear probe: the frozen tail's features are computed once, then only the head trains
     (``PROBE_EPOCHS_FACTOR`` x the epochs, since its steps are nearly free)."""
     t0 = time.perf_counter()
     tail.eval()
     with torch.no_grad():
-        f = torch.cat([tail.features(x[i:i + 128].float()) for i in range(0, len(x), 128)])
-        fv = torch.cat([tail.features(xv[i:i + 128].float()) for i in range(0, len(xv), 128)])
+        f = torch.cat([tail.features(x[i : i + 128].float()) for i in range(0, len(x), 128)])
+        fv = torch.cat([tail.features(xv[i : i + 128].float()) for i in range(0, len(xv), 128)])
     opt = torch.optim.AdamW(tail.classifier.parameters(), lr=lr, weight_decay=0.0)
     weights = torch.tensor([float(len(y)) / (2 * (y == c).sum().item()) for c in (0, 1)])
     loss_fn = nn.CrossEntropyLoss(weight=weights)
@@ -409,7 +476,7 @@ def _train_probe(tail: Tail, data, x, y, xv, yv, method: Method, lr: float, seed
     for epoch in range(epochs * PROBE_EPOCHS_FACTOR):
         perm = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch):
-            idx = perm[start:start + batch]
+            idx = perm[start : start + batch]
             loss = loss_fn(tail.classifier(f[idx]), y[idx])
             loss.backward()
             opt.step()
@@ -455,8 +522,11 @@ def _prepare(args) -> tuple[Backbone, dict[str, Any]]:
     backbone = load_backbone(args.backbone)
     t0 = time.perf_counter()
     data = cached_prefix(backbone, args.size, args.blocks, args.data_seed)
-    print(f"[data] prefix cache ready in {time.perf_counter() - t0:.1f}s "
-          f"(built in {data['_meta']['seconds']:.0f}s): {data['_meta']['counts']}", flush=True)
+    print(
+        f"[data] prefix cache ready in {time.perf_counter() - t0:.1f}s "
+        f"(built in {data['_meta']['seconds']:.0f}s): {data['_meta']['counts']}",
+        flush=True,
+    )
     return backbone, data
 
 
@@ -472,7 +542,11 @@ def cmd_sweep(args) -> dict[str, Any]:
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
     chosen: dict[str, dict[str, Any]] = {}
-    base = [m for m in all_methods() if m.name in ("linear-probe", "full-ft", "lora-r8", "effort", "masm-no-ortho")]
+    base = [
+        m
+        for m in all_methods()
+        if m.name in ("linear-probe", "full-ft", "lora-r8", "effort", "masm-no-ortho")
+    ]
     if args.quick:
         base = base[:1] + base[-1:]
     head_lr = 1e-3
@@ -482,10 +556,15 @@ def cmd_sweep(args) -> dict[str, Any]:
         if method.name == "masm-no-ortho":  # lr sweep for the MASM family without regularisers
             method = Method("masm-noreg", "masm", method.lrs, {**method.masm, "spectral_weight": 0.0})
         for lr in method.lrs[: 1 if args.quick else None]:
-            r = train_one(backbone, data, args.blocks, method, lr, 0, args.epochs, args.batch, head_lr=head_lr)
+            r = train_one(
+                backbone, data, args.blocks, method, lr, 0, args.epochs, args.batch, head_lr=head_lr
+            )
             runs.append(asdict(r))
-            print(f"[sweep] {method.name:14s} lr={lr:g} val_auc={r.val_auc:.4f} (epoch {r.best_epoch}) "
-                  f"{r.seconds:.0f}s", flush=True)
+            print(
+                f"[sweep] {method.name:14s} lr={lr:g} val_auc={r.val_auc:.4f} (epoch {r.best_epoch}) "
+                f"{r.seconds:.0f}s",
+                flush=True,
+            )
             if r.val_auc > chosen.get(method.name, {}).get("val_auc", -1):
                 chosen[method.name] = {"lr": lr, "val_auc": r.val_auc}
     masm_lr = chosen["masm-noreg"]["lr"]
@@ -496,24 +575,46 @@ def cmd_sweep(args) -> dict[str, Any]:
         weight_grid = weight_grid[-1:]
     best_w = (-1.0, 0.0, 0.0)
     for ortho, spectral in weight_grid:
-        m = Method(f"masm-o{ortho:g}-s{spectral:g}", "masm", (masm_lr,),
-                   dict(num_subspaces=4, subspace_rank=2, orthogonality_weight=ortho, spectral_weight=spectral,
-                        layer_mask="dynamic"))
+        m = Method(
+            f"masm-o{ortho:g}-s{spectral:g}",
+            "masm",
+            (masm_lr,),
+            dict(
+                num_subspaces=4,
+                subspace_rank=2,
+                orthogonality_weight=ortho,
+                spectral_weight=spectral,
+                layer_mask="dynamic",
+            ),
+        )
         r = train_one(backbone, data, args.blocks, m, masm_lr, 0, args.epochs, args.batch, head_lr=head_lr)
         runs.append(asdict(r))
-        print(f"[sweep] {m.name:14s} lr={masm_lr:g} val_auc={r.val_auc:.4f} (epoch {r.best_epoch}) "
-              f"reg={r.reg}", flush=True)
+        print(
+            f"[sweep] {m.name:14s} lr={masm_lr:g} val_auc={r.val_auc:.4f} (epoch {r.best_epoch}) reg={r.reg}",
+            flush=True,
+        )
         if ortho > 0 and spectral > 0 and r.val_auc > best_w[0]:
             best_w = (r.val_auc, ortho, spectral)
     result = {
-        "backbone": args.backbone, "size": args.size, "blocks": args.blocks, "epochs": args.epochs,
-        "batch": args.batch, "data_seed": args.data_seed, "quick": args.quick,
-        "chosen_lr": {k: v["lr"] for k, v in chosen.items()}, "head_lr": head_lr,
-        "chosen_masm_weights": {"orthogonality_weight": best_w[1], "spectral_weight": best_w[2],
-                                "val_auc": best_w[0],
-                                "note": "best on validation among grid points with both weights > 0 (the full "
-                                        "method); ablations set one of them to 0"},
-        "runs": runs, "wall_seconds": time.perf_counter() - t0, "data": data["_meta"],
+        "backbone": args.backbone,
+        "size": args.size,
+        "blocks": args.blocks,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "data_seed": args.data_seed,
+        "quick": args.quick,
+        "chosen_lr": {k: v["lr"] for k, v in chosen.items()},
+        "head_lr": head_lr,
+        "chosen_masm_weights": {
+            "orthogonality_weight": best_w[1],
+            "spectral_weight": best_w[2],
+            "val_auc": best_w[0],
+            "note": "best on validation among grid points with both weights > 0 (the full "
+            "method); ablations set one of them to 0",
+        },
+        "runs": runs,
+        "wall_seconds": time.perf_counter() - t0,
+        "data": data["_meta"],
         "selection": "validation split only (val identities, training families); test never scored",
     }
     out = _out_path(args, "sweep")
@@ -525,16 +626,22 @@ def cmd_sweep(args) -> dict[str, Any]:
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max())}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
 
 
 def cmd_table(args) -> dict[str, Any]:
     """Train every method with its validation-chosen settings for each seed; score the test split once."""
     sweep_path = Path(args.sweep) if args.sweep else _out_path(args, "sweep")
     if not sweep_path.exists():
-        raise FileNotFoundError(f"{sweep_path} missing: run `python benchmarks/generalization.py sweep` first "
-                                "(hyper-parameters are chosen on validation there), or pass --sweep PATH")
+        raise FileNotFoundError(
+            f"{sweep_path} missing: run `python benchmarks/generalization.py sweep` first "
+            "(hyper-parameters are chosen on validation there), or pass --sweep PATH"
+        )
     sweep = json.loads(sweep_path.read_text())
     w = sweep["chosen_masm_weights"]
     methods = all_methods(w["orthogonality_weight"], w["spectral_weight"])
@@ -554,12 +661,25 @@ def cmd_table(args) -> dict[str, Any]:
         if lr is None:
             lr = method.lrs[0]
         for seed in seeds:
-            r = train_one(backbone, data, args.blocks, method, lr, seed, args.epochs, args.batch,
-                          head_lr=sweep.get("head_lr", 1e-3), score_test=True)
+            r = train_one(
+                backbone,
+                data,
+                args.blocks,
+                method,
+                lr,
+                seed,
+                args.epochs,
+                args.batch,
+                head_lr=sweep.get("head_lr", 1e-3),
+                score_test=True,
+            )
             runs.append(asdict(r))
-            print(f"[table] {method.name:17s} seed={seed} lr={lr:g} val={r.val_auc:.3f} "
-                  f"in={r.test['in_domain_mean']:.3f} held-out={r.test['held_out_mean']:.3f} "
-                  f"({r.seconds:.0f}s)", flush=True)
+            print(
+                f"[table] {method.name:17s} seed={seed} lr={lr:g} val={r.val_auc:.3f} "
+                f"in={r.test['in_domain_mean']:.3f} held-out={r.test['held_out_mean']:.3f} "
+                f"({r.seconds:.0f}s)",
+                flush=True,
+            )
     summary = {}
     for method in methods:
         rs = [r for r in runs if r["method"] == method.name]
@@ -571,15 +691,29 @@ def cmd_table(args) -> dict[str, Any]:
         summary[method.name]["trainable"] = rs[0]["trainable"]
         summary[method.name]["head"] = rs[0]["head"]
         summary[method.name]["lr"] = rs[0]["lr"]
-        summary[method.name]["config"] = method.masm or ({"r": method.lora_rank} if method.kind == "lora" else {})
+        summary[method.name]["config"] = method.masm or (
+            {"r": method.lora_rank} if method.kind == "lora" else {}
+        )
     result = {
-        "backbone": args.backbone, "size": args.size, "blocks": args.blocks, "epochs": args.epochs,
-        "batch": args.batch, "seeds": list(seeds), "data_seed": args.data_seed, "quick": args.quick,
-        "splits": SPLIT_GROUPS, "train_families": TRAIN_FAMILIES, "heldout_families": HELDOUT_FAMILIES,
-        "sweep": str(sweep_path.relative_to(RESULTS.parent.parent)) if sweep_path.is_relative_to(RESULTS.parent.parent)
+        "backbone": args.backbone,
+        "size": args.size,
+        "blocks": args.blocks,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "seeds": list(seeds),
+        "data_seed": args.data_seed,
+        "quick": args.quick,
+        "splits": SPLIT_GROUPS,
+        "train_families": TRAIN_FAMILIES,
+        "heldout_families": HELDOUT_FAMILIES,
+        "sweep": str(sweep_path.relative_to(RESULTS.parent.parent))
+        if sweep_path.is_relative_to(RESULTS.parent.parent)
         else str(sweep_path),
-        "summary": summary, "runs": runs, "wall_seconds": time.perf_counter() - t0,
-        "threads": torch.get_num_threads(), "data": data["_meta"],
+        "summary": summary,
+        "runs": runs,
+        "wall_seconds": time.perf_counter() - t0,
+        "threads": torch.get_num_threads(),
+        "data": data["_meta"],
     }
     out = _out_path(args, "table" if args.group == "all" else f"table_{args.group}")
     out.write_text(json.dumps(result, indent=1))
@@ -595,11 +729,19 @@ def markdown_table(result: dict[str, Any]) -> str:
     head = ["method", "trainable", "val AUC", "in-domain mean", *fams, "held-out mean", "held-out min..max"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in result["summary"].items():
+
         def cell(k: str, s: dict[str, Any] = s) -> str:
             return f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"
-        row = [name, f"{s['trainable']:,} + {s['head']:,}", cell("val_auc"), cell("in_domain_mean"),
-               *[cell(f) for f in fams], f"**{cell('held_out_mean')}**",
-               f"{s['held_out_mean']['min']:.3f}..{s['held_out_mean']['max']:.3f}"]
+
+        row = [
+            name,
+            f"{s['trainable']:,} + {s['head']:,}",
+            cell("val_auc"),
+            cell("in_domain_mean"),
+            *[cell(f) for f in fams],
+            f"**{cell('held_out_mean')}**",
+            f"{s['held_out_mean']['min']:.3f}..{s['held_out_mean']['max']:.3f}",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -618,14 +760,19 @@ def plot_table(result: dict[str, Any], path: Path) -> Path:
     for i, name in enumerate(names):
         s = result["summary"][name]
         xs = np.arange(len(fams)) + (i - (len(names) - 1) / 2) * width
-        ax.bar(xs, [s[f]["mean"] for f in fams], width, yerr=[s[f]["std"] for f in fams], label=name, capsize=1.5)
+        ax.bar(
+            xs, [s[f]["mean"] for f in fams], width, yerr=[s[f]["std"] for f in fams], label=name, capsize=1.5
+        )
     ax.axvline(len(result["train_families"]) - 0.5, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(fams)), [f.replace("_", "\n") for f in fams], fontsize=8)
     ax.set_ylabel("test AUC (held-out identities)")
     ax.set_ylim(0.4, 1.0)
     ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set_title(f"{result['backbone']} {result['size']}px, last {result['blocks']} blocks; "
-                 f"left of dashes: training families, right: held out ({len(result['seeds'])} seeds)", fontsize=9)
+    ax.set_title(
+        f"{result['backbone']} {result['size']}px, last {result['blocks']} blocks; "
+        f"left of dashes: training families, right: held out ({len(result['seeds'])} seeds)",
+        fontsize=9,
+    )
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -660,7 +807,7 @@ def cmd_quant(args) -> dict[str, Any]:
     import onnx
     from onnx import numpy_helper
 
-    from peft_masm.data.assets import fetch_asset
+    from peft_masm.assets import fetch_asset
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -673,7 +820,11 @@ def cmd_quant(args) -> dict[str, Any]:
     inits = {t.name: t for t in graph.initializer}
     clip_rows = []
     for node in graph.node:
-        if node.op_type != "MatMulInteger" or "/encoder/layers." not in node.name or "/self_attn/" not in node.name:
+        if (
+            node.op_type != "MatMulInteger"
+            or "/encoder/layers." not in node.name
+            or "/self_attn/" not in node.name
+        ):
             continue  # attention projections only: MASM's default targets
         stem = node.input[1][: -len("_quantized")]
         module = node.name.split("/")[-2]
@@ -686,13 +837,21 @@ def cmd_quant(args) -> dict[str, Any]:
         sv = torch.linalg.svdvals(w)
         noise = (torch.rand_like(w) - 0.5) * sc[:, None]  # one draw of the rounding error's distribution
         nsv = torch.linalg.svdvals(noise)
-        row = {"layer": layer, "module": module, "shape": list(w.shape), "sigma_max": float(sv[0]),
-               "noise_spectral_norm": float(nsv[0]), "noise_fro": float(noise.norm()),
-               "per_channel_scale": "yes" if scale.size > 1 else "no"}
+        row = {
+            "layer": layer,
+            "module": module,
+            "shape": list(w.shape),
+            "sigma_max": float(sv[0]),
+            "noise_spectral_norm": float(nsv[0]),
+            "noise_fro": float(noise.norm()),
+            "per_channel_scale": "yes" if scale.size > 1 else "no",
+        }
         for t in tail:
             row[f"sigma_tail{t}_mean"] = float(sv[-t:].mean())
             row[f"tail{t}_over_noise_norm"] = float(sv[-t:].mean() / nsv[0])
-            row[f"tail{t}_energy_noise_fraction"] = float(min(1.0, (nsv[0] ** 2 * t) / float((sv[-t:] ** 2).sum())))
+            row[f"tail{t}_energy_noise_fraction"] = float(
+                min(1.0, (nsv[0] ** 2 * t) / float((sv[-t:] ** 2).sum()))
+            )
         row["sigma_r_k8"] = float(sv[-9])  # smallest frozen value when K*k = 8
         clip_rows.append(row)
     result["clip_int8"] = clip_rows
@@ -701,7 +860,9 @@ def cmd_quant(args) -> dict[str, Any]:
     dino_rows = []
     for li, block in enumerate(backbone.blocks):
         for mname in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = dict(block.named_modules()).get(f"attention.{mname}") or dict(block.named_modules()).get(f"mlp.{mname}")
+            lin = dict(block.named_modules()).get(f"attention.{mname}") or dict(block.named_modules()).get(
+                f"mlp.{mname}"
+            )
             if lin is None:
                 continue
             w = lin.weight.detach().double()
@@ -709,8 +870,13 @@ def cmd_quant(args) -> dict[str, Any]:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             uq, sq, vqh = torch.linalg.svd(wq, full_matrices=False)
             err = torch.linalg.svdvals(wq - w)
-            row = {"layer": li, "module": mname, "shape": list(w.shape), "sigma_max": float(s[0]),
-                   "quant_error_spectral_norm": float(err[0])}
+            row = {
+                "layer": li,
+                "module": mname,
+                "shape": list(w.shape),
+                "sigma_max": float(s[0]),
+                "quant_error_spectral_norm": float(err[0]),
+            }
             for t in tail:
                 row[f"sigma_tail{t}_mean"] = float(s[-t:].mean())
                 row[f"tail{t}_sigma_rel_change"] = float(((sq[-t:] - s[-t:]).abs() / s[-t:]).mean())
@@ -728,8 +894,14 @@ def cmd_quant(args) -> dict[str, Any]:
     attn_clip = ("q_proj", "k_proj", "v_proj", "out_proj")
     attn_dino = ("q_proj", "k_proj", "v_proj", "o_proj")
     result["summary"] = {
-        "clip_attention": {k: agg(clip_rows, k, attn_clip) for k in clip_rows[0] if k.startswith(("tail", "noise", "sigma"))},
-        "dinov2_attention": {k: agg(dino_rows, k, attn_dino) for k in dino_rows[0] if k.startswith(("tail", "top", "quant", "sigma"))},
+        "clip_attention": {
+            k: agg(clip_rows, k, attn_clip) for k in clip_rows[0] if k.startswith(("tail", "noise", "sigma"))
+        },
+        "dinov2_attention": {
+            k: agg(dino_rows, k, attn_dino)
+            for k in dino_rows[0]
+            if k.startswith(("tail", "top", "quant", "sigma"))
+        },
     }
     result["wall_seconds"] = time.perf_counter() - t0
     out = RESULTS / "generalization_quant.json"
@@ -755,9 +927,17 @@ def plot_quant(rows: list[dict[str, Any]], path: Path) -> Path:
     for mod, colour in zip(("q_proj", "k_proj", "v_proj", "out_proj"), ("C0", "C1", "C2", "C3")):
         rs = sorted((r for r in rows if r["module"] == mod), key=lambda r: r["layer"])
         xs = [r["layer"] for r in rs]
-        ax.plot(xs, [r["sigma_tail8_mean"] for r in rs], "o-", color=colour, label=f"{mod}: mean of last 8 sigma")
-        ax.plot(xs, [r["noise_spectral_norm"] for r in rs], "x--", color=colour, alpha=0.6,
-                label=f"{mod}: INT8 noise ||E||_2")
+        ax.plot(
+            xs, [r["sigma_tail8_mean"] for r in rs], "o-", color=colour, label=f"{mod}: mean of last 8 sigma"
+        )
+        ax.plot(
+            xs,
+            [r["noise_spectral_norm"] for r in rs],
+            "x--",
+            color=colour,
+            alpha=0.6,
+            label=f"{mod}: INT8 noise ||E||_2",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("CLIP ViT-B/16 block")
     ax.set_ylabel("singular value")
@@ -772,9 +952,12 @@ def plot_quant(rows: list[dict[str, Any]], path: Path) -> Path:
 def cmd_report(args) -> dict[str, Any]:
     """Merge the 'main' and 'ablation' tables into one table, markdown and plot (no training)."""
     parts = [json.loads(_out_path(args, f"table_{g}").read_text()) for g in ("main", "ablation")]
-    merged = {**parts[0], "summary": {**parts[0]["summary"], **parts[1]["summary"]},
-              "runs": parts[0]["runs"] + parts[1]["runs"],
-              "wall_seconds": {"main": parts[0]["wall_seconds"], "ablation": parts[1]["wall_seconds"]}}
+    merged = {
+        **parts[0],
+        "summary": {**parts[0]["summary"], **parts[1]["summary"]},
+        "runs": parts[0]["runs"] + parts[1]["runs"],
+        "wall_seconds": {"main": parts[0]["wall_seconds"], "ablation": parts[1]["wall_seconds"]},
+    }
     out = _out_path(args, "table")
     out.write_text(json.dumps(merged, indent=1))
     plot_table(merged, out.with_suffix(".png"))
@@ -794,8 +977,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", help="table: only these methods")
-    parser.add_argument("--group", default="all", choices=("all", "main", "ablation"),
-                        help="table: baselines + MASM ('main'), MASM ablations ('ablation') or both")
+    parser.add_argument(
+        "--group",
+        default="all",
+        choices=("all", "main", "ablation"),
+        help="table: baselines + MASM ('main'), MASM ablations ('ablation') or both",
+    )
     parser.add_argument("--sweep", help="table: the sweep JSON to take hyper-parameters from")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, few methods")
@@ -804,8 +991,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.epochs = 1
         if args.command == "table" and not args.methods:
             args.methods = ["linear-probe", "effort", "masm"]
-    commands: dict[str, Callable[[Any], dict[str, Any]]] = {"sweep": cmd_sweep, "table": cmd_table,
-                                                            "quant": cmd_quant, "report": cmd_report}
+    commands: dict[str, Callable[[Any], dict[str, Any]]] = {
+        "sweep": cmd_sweep,
+        "table": cmd_table,
+        "quant": cmd_quant,
+        "report": cmd_report,
+    }
     commands[args.command](args)
 
 

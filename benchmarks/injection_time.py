@@ -16,7 +16,11 @@ import peft_masm
 def main() -> None:
     torch.manual_seed(0)
     config = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
         image_size=224,
     )
     for label, kwargs in [("effort (K=1, k=1)", {"num_subspaces": 1, "subspace_rank": 1}), ("default", {})]:
@@ -30,7 +34,9 @@ def main() -> None:
     for layer in layers:
         torch.linalg.svd(layer.get_base_layer().weight, full_matrices=False)
     seconds = time.perf_counter() - start
-    print(f"baseline: per-layer torch.linalg.svd (float32, {torch.get_num_threads()} threads): {seconds:.2f} s")
+    print(
+        f"baseline: per-layer torch.linalg.svd (float32, {torch.get_num_threads()} threads): {seconds:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -55,21 +55,53 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # CLIP vision towers (transformers CLIPVisionConfig sizes).
 MODELS: dict[str, dict[str, int]] = {
-    "vit-b16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    patch_size=16, image_size=224),
-    "vit-l14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    patch_size=14, image_size=224),
+    "vit-b16": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        patch_size=16,
+        image_size=224,
+    ),
+    "vit-l14": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+    ),
     # for the layer-mask overhead (issue 3)
-    "clip-small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                       patch_size=16, image_size=112),
+    "clip-small": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        patch_size=16,
+        image_size=112,
+    ),
     # --quick stand-ins
-    "tiny-a": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   patch_size=16, image_size=64),
-    "tiny-b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                   patch_size=16, image_size=64),
+    "tiny-a": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=16,
+        image_size=64,
+    ),
+    "tiny-b": dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        patch_size=16,
+        image_size=64,
+    ),
 }
 
-EFFORT_PUBLISHED_PARAMS = 0.19e6  # Effort (Yan et al., ICML 2025), CLIP ViT-L/14, rank-1 residual on q/k/v/out
+EFFORT_PUBLISHED_PARAMS = (
+    0.19e6  # Effort (Yan et al., ICML 2025), CLIP ViT-L/14, rank-1 residual on q/k/v/out
+)
 EFFORT_PUBLISHED_CHECKPOINT_BYTES = 2e9  # "~2 GB" full-model checkpoints released by Effort
 
 
@@ -100,18 +132,27 @@ def method_config(method: str) -> Any:
         return None
     if method.startswith("lora_r"):
         rank = int(method.removeprefix("lora_r"))
-        return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
-                          modules_to_save=["classifier"])
+        return LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, modules_to_save=["classifier"]
+        )
     common: dict[str, Any] = {"target_modules": targets, "modules_to_save": ["classifier"]}
     if method == "masm_reg":  # defaults, dynamic mask, regularisers on
-        return peft_masm.MASMConfig(orthogonality_weight=0.1, spectral_weight=0.1, layer_mask="dynamic", **common)
+        return peft_masm.MASMConfig(
+            orthogonality_weight=0.1, spectral_weight=0.1, layer_mask="dynamic", **common
+        )
     if method == "masm":  # all MASMConfig defaults (regulariser weights 0)
         return peft_masm.MASMConfig(**common)
     if method == "masm_nomask":
         return peft_masm.MASMConfig(layer_mask="none", **common)
     if method == "effort":
-        return peft_masm.MASMConfig(num_subspaces=1, subspace_rank=1, layer_mask="none",
-                                    orthogonality_weight=0.0, spectral_weight=0.0, **common)
+        return peft_masm.MASMConfig(
+            num_subspaces=1,
+            subspace_rank=1,
+            layer_mask="none",
+            orthogonality_weight=0.0,
+            spectral_weight=0.0,
+            **common,
+        )
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -178,7 +219,9 @@ class Trainer:
 def make_batch(model_name: str, batch_size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     size = MODELS[model_name]["image_size"]
-    return torch.randn(batch_size, 3, size, size, generator=g), torch.randint(0, 2, (batch_size,), generator=g)
+    return torch.randn(batch_size, 3, size, size, generator=g), torch.randint(
+        0, 2, (batch_size,), generator=g
+    )
 
 
 def shared_copy(base: nn.Module) -> nn.Module:
@@ -205,7 +248,7 @@ def interleave(fns: dict[str, Callable[[], float]], warmup: int, reps: int) -> d
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + reps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t = fns[n]()
             if r >= warmup:
@@ -258,7 +301,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             loaded = PeftModel.from_pretrained(fresh, folder)
             out["load_s"] = time.perf_counter() - start
             with torch.inference_mode():
-                out["load_max_abs_diff"] = float((loaded(pixel_values=batch[0]).logits - reference).abs().max())
+                out["load_max_abs_diff"] = float(
+                    (loaded(pixel_values=batch[0]).logits - reference).abs().max()
+                )
     return out
 
 
@@ -267,13 +312,22 @@ def run_workers(models: list[tuple[str, list[str], int]], args: argparse.Namespa
     results = []
     for model_name, methods, batch_size in models:
         for rep in range(args.mem_repeats):
-            order = methods[rep % len(methods):] + methods[: rep % len(methods)]
+            order = methods[rep % len(methods) :] + methods[: rep % len(methods)]
             for method in order:
-                spec = {"model": model_name, "method": method, "batch_size": batch_size,
-                        "mem_steps": 2, "threads": args.threads}
+                spec = {
+                    "model": model_name,
+                    "method": method,
+                    "batch_size": batch_size,
+                    "mem_steps": 2,
+                    "threads": args.threads,
+                }
                 log(f"worker {model_name} {method} (round {rep + 1})")
-                proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                      capture_output=True, text=True, cwd=ROOT)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--worker", json.dumps(spec)],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-4000:]}")
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -283,7 +337,9 @@ def run_workers(models: list[tuple[str, list[str], int]], args: argparse.Namespa
 
 
 # ------------------------------------------------------------------------------ in-process timing
-def time_training(model_name: str, methods: list[str], batch_size: int, warmup: int, steps: int) -> dict[str, Any]:
+def time_training(
+    model_name: str, methods: list[str], batch_size: int, warmup: int, steps: int
+) -> dict[str, Any]:
     base = build_base(model_name)
     batch = make_batch(model_name, batch_size)
     trainers = {m: Trainer(inject(shared_copy(base), m), m, batch) for m in methods}
@@ -292,8 +348,9 @@ def time_training(model_name: str, methods: list[str], batch_size: int, warmup: 
     return {"times": times, "trainers": trainers, "base": base, "batch": batch}
 
 
-def time_inference(model_name: str, trained: dict[str, Any], methods: list[str], merged: list[str], warmup: int,
-                   reps: int) -> dict:
+def time_inference(
+    model_name: str, trained: dict[str, Any], methods: list[str], merged: list[str], warmup: int, reps: int
+) -> dict:
     pixels = trained["batch"][0]
     models: dict[str, nn.Module] = {"base": trained["base"]}
     for m in methods:
@@ -309,26 +366,41 @@ def time_inference(model_name: str, trained: dict[str, Any], methods: list[str],
                 start = time.perf_counter()
                 model(pixel_values=pixels)
                 return time.perf_counter() - start
+
         return run
 
     # merged outputs equal unmerged ones (sanity: the merge is what was timed)
     with torch.inference_mode():
-        merge_err = {m: float((models[f"{m}_merged"](pixel_values=pixels).logits
-                               - models[f"{m}_unmerged"](pixel_values=pixels).logits).abs().max()) for m in merged}
+        merge_err = {
+            m: float(
+                (
+                    models[f"{m}_merged"](pixel_values=pixels).logits
+                    - models[f"{m}_unmerged"](pixel_values=pixels).logits
+                )
+                .abs()
+                .max()
+            )
+            for m in merged
+        }
     log(f"inference {model_name}: {list(models)}, {warmup} warm-up + {reps} reps")
     times = interleave({n: forward(m) for n, m in models.items()}, warmup, reps)
     return {"times": times, "merge_max_abs_diff": merge_err}
 
 
-def decomposition_check(model_name: str, trainers: dict[str, Trainer], args: argparse.Namespace) -> dict[str, Any]:
+def decomposition_check(
+    model_name: str, trainers: dict[str, Trainer], args: argparse.Namespace
+) -> dict[str, Any]:
     """MASM's batched minor-spectrum decomposition vs a per-layer torch.linalg.svd; exactness vs float64."""
     import numpy as np
 
-    from peft_masm.decomposition import minor_triplets_many
+    from peft_masm.tuner.decomposition import minor_triplets_many
 
     base = trainers[next(iter(trainers))].model.get_base_model()
-    weights = [m.weight for name, m in base.named_modules()
-               if isinstance(m, nn.Linear) and re.search(r"self_attn\.(q|k|v|out)_proj(\.base_layer)?$", name)]
+    weights = [
+        m.weight
+        for name, m in base.named_modules()
+        if isinstance(m, nn.Linear) and re.search(r"self_attn\.(q|k|v|out)_proj(\.base_layer)?$", name)
+    ]
     out: dict[str, Any] = {"num_matrices": len(weights), "shape": list(weights[0].shape)}
     log(f"decomposition of {len(weights)} matrices {tuple(weights[0].shape)}")
     runs: dict[str, list[float]] = {"masm_minor_triplets_many": [], "torch_linalg_svd_per_layer": []}
@@ -353,21 +425,25 @@ def decomposition_check(model_name: str, trainers: dict[str, Trainer], args: arg
             u, s, vt = np.linalg.svd(w)
             total = layer.masm_num_subspaces["default"] * layer.masm_subspace_rank["default"]
             d = s.shape[0]
-            tail = (u[:, d - total:] * s[d - total:]) @ vt[d - total:]
+            tail = (u[:, d - total :] * s[d - total :]) @ vt[d - total :]
             U0 = layer.masm_U0["default"].double().numpy()
             s0 = layer.masm_s0["default"].double().numpy()
             V0 = layer.masm_V0["default"].double().numpy()
             ours = (U0 * s0) @ V0.T
             sigma_r = float(s[d - total - 1])
-            rows.append({
-                "layer": name.removeprefix("base_model.model."),
-                "tail_max_abs_err_over_sigma_r": float(np.abs(ours - tail).max() / sigma_r),
-                "tail_rel_fro_err": float(np.linalg.norm(ours - tail) / np.linalg.norm(tail)),
-                "sigma_rel_err": float(np.abs(np.sort(s0) - np.sort(s[d - total:])).max() / s[d - total:].min()),
-                "sigma_r_rel_err": abs(float(layer.masm_sigma_r["default"]) - sigma_r) / sigma_r,
-                "U0_orthonormality_err": float(np.abs(U0.T @ U0 - np.eye(total)).max()),
-                "V0_orthonormality_err": float(np.abs(V0.T @ V0 - np.eye(total)).max()),
-            })
+            rows.append(
+                {
+                    "layer": name.removeprefix("base_model.model."),
+                    "tail_max_abs_err_over_sigma_r": float(np.abs(ours - tail).max() / sigma_r),
+                    "tail_rel_fro_err": float(np.linalg.norm(ours - tail) / np.linalg.norm(tail)),
+                    "sigma_rel_err": float(
+                        np.abs(np.sort(s0) - np.sort(s[d - total :])).max() / s[d - total :].min()
+                    ),
+                    "sigma_r_rel_err": abs(float(layer.masm_sigma_r["default"]) - sigma_r) / sigma_r,
+                    "U0_orthonormality_err": float(np.abs(U0.T @ U0 - np.eye(total)).max()),
+                    "V0_orthonormality_err": float(np.abs(V0.T @ V0 - np.eye(total)).max()),
+                }
+            )
         exact[method] = rows
     out["exactness_vs_float64_svd"] = exact
     return out
@@ -394,16 +470,24 @@ def report(results: dict[str, Any]) -> str:
     for model, block in results["training"].items():
         times = block["times"]
         ref = "lora_r8" if "lora_r8" in times else None
-        lines.append(f"\n**{model}**, batch {block['batch_size']}, {block['steps']} timed steps "
-                     f"(+{block['warmup']} warm-up), CPU float32\n")
-        lines.append("| method | trainable (adapter + head) | step s (median) | step / LoRA-r8 | step / base | "
-                     "peak RSS MiB | peak / LoRA-r8 | training increment MiB | increment / LoRA-r8 | "
-                     "inject s | load s | adapter file |")
+        lines.append(
+            f"\n**{model}**, batch {block['batch_size']}, {block['steps']} timed steps "
+            f"(+{block['warmup']} warm-up), CPU float32\n"
+        )
+        lines.append(
+            "| method | trainable (adapter + head) | step s (median) | step / LoRA-r8 | step / base | "
+            "peak RSS MiB | peak / LoRA-r8 | training increment MiB | increment / LoRA-r8 | "
+            "inject s | load s | adapter file |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        methods = list(times) + [w["method"] for w in workers if w["model"] == model and w["method"] not in times]
+        methods = list(times) + [
+            w["method"] for w in workers if w["model"] == model and w["method"] not in times
+        ]
         for method in dict.fromkeys(methods):
             ts = times.get(method)
-            tr = next((w["trainable"] for w in workers if w["model"] == model and w["method"] == method), None)
+            tr = next(
+                (w["trainable"] for w in workers if w["model"] == model and w["method"] == method), None
+            )
             peak = worker_median(model, method, "peak_rss")
             inc = worker_median(model, method, "peak_increment")
             lora_peak = worker_median(model, "lora_r8", "peak_rss")
@@ -426,26 +510,38 @@ def report(results: dict[str, Any]) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         if "lora_r1" in times and "effort" in times:
-            lines.append(f"\nEffort config / LoRA-r1 step: {fmt_ratio(paired_ratio(times['effort'], times['lora_r1']))}")
+            lines.append(
+                f"\nEffort config / LoRA-r1 step: {fmt_ratio(paired_ratio(times['effort'], times['lora_r1']))}"
+            )
 
     for model, block in results.get("inference", {}).items():
         times = block["times"]
-        lines.append(f"\n**Inference, {model}** (batch {block['batch_size']}, {block['reps']} reps, "
-                     "ratio = median of paired ratios [IQR])\n")
+        lines.append(
+            f"\n**Inference, {model}** (batch {block['batch_size']}, {block['reps']} reps, "
+            "ratio = median of paired ratios [IQR])\n"
+        )
         lines.append("| model | forward s (median) | / base |")
         lines.append("|---|---|---|")
         for name, ts in times.items():
-            lines.append(f"| {name} | {statistics.median(ts):.3f} | {fmt_ratio(paired_ratio(ts, times['base']))} |")
+            lines.append(
+                f"| {name} | {statistics.median(ts):.3f} | {fmt_ratio(paired_ratio(ts, times['base']))} |"
+            )
         lines.append(f"\nmerged vs unmerged max |logit diff|: {block['merge_max_abs_diff']}")
 
     if "mask_overhead" in results:
         mo = results["mask_overhead"]
         t = mo["times"]
-        lines.append(f"\n**Layer-mask overhead** ({mo['model']}, batch {mo['batch_size']}, {mo['steps']} steps, "
-                     f"mask decisions at steps {mo['decision_steps']})\n")
-        lines.append(f"- dynamic / none, median of paired per-step ratios: {fmt_ratio(paired_ratio(t['masm'], t['masm_nomask']))}")
-        lines.append(f"- dynamic / none, ratio of mean step times (decision steps included): "
-                     f"{statistics.mean(t['masm']) / statistics.mean(t['masm_nomask']):.3f}")
+        lines.append(
+            f"\n**Layer-mask overhead** ({mo['model']}, batch {mo['batch_size']}, {mo['steps']} steps, "
+            f"mask decisions at steps {mo['decision_steps']})\n"
+        )
+        lines.append(
+            f"- dynamic / none, median of paired per-step ratios: {fmt_ratio(paired_ratio(t['masm'], t['masm_nomask']))}"
+        )
+        lines.append(
+            f"- dynamic / none, ratio of mean step times (decision steps included): "
+            f"{statistics.mean(t['masm']) / statistics.mean(t['masm_nomask']):.3f}"
+        )
 
     if "decomposition" in results:
         dec = results["decomposition"]
@@ -455,8 +551,10 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"- {k}: median {statistics.median(v):.2f} s over {len(v)} runs")
         for method, rows in dec["exactness_vs_float64_svd"].items():
             worst = {k: max(r[k] for r in rows) for k in rows[0] if k != "layer"}
-            lines.append(f"- exactness ({method}, worst of {len(rows)} layers vs float64 SVD): "
-                         + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+            lines.append(
+                f"- exactness ({method}, worst of {len(rows)} layers vs float64 SVD): "
+                + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+            )
     return "\n".join(lines)
 
 
@@ -474,14 +572,27 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         for m in ("masm_reg", "masm"):
             if m in t and "lora_r8" in t:
                 r = paired_ratio(t[m], t["lora_r8"])
-                out.append({"target": f"{model} {m} step / LoRA-r8 step <= 1.10", "value": r["median"],
-                            "iqr": [r["q1"], r["q3"]], "pass": r["median"] <= 1.10})
+                out.append(
+                    {
+                        "target": f"{model} {m} step / LoRA-r8 step <= 1.10",
+                        "value": r["median"],
+                        "iqr": [r["q1"], r["q3"]],
+                        "pass": r["median"] <= 1.10,
+                    }
+                )
             if m in t and peak(model, m, "peak_rss") and peak(model, "lora_r8", "peak_rss"):
                 v = peak(model, m, "peak_rss") / peak(model, "lora_r8", "peak_rss")
-                out.append({"target": f"{model} {m} peak RSS / LoRA-r8 <= 1.05", "value": v, "pass": v <= 1.05})
+                out.append(
+                    {"target": f"{model} {m} peak RSS / LoRA-r8 <= 1.05", "value": v, "pass": v <= 1.05}
+                )
                 v = peak(model, m, "peak_increment") / peak(model, "lora_r8", "peak_increment")
-                out.append({"target": f"{model} {m} training-memory increment / LoRA-r8 <= 1.05 (stricter)",
-                            "value": v, "pass": v <= 1.05})
+                out.append(
+                    {
+                        "target": f"{model} {m} training-memory increment / LoRA-r8 <= 1.05 (stricter)",
+                        "value": v,
+                        "pass": v <= 1.05,
+                    }
+                )
     for model, block in results.get("inference", {}).items():
         t = block["times"]
         for name in t:
@@ -490,26 +601,55 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             r = paired_ratio(t[name], t["base"])
             if name.endswith("_merged"):
                 ok = r["q1"] <= 1.0 <= r["q3"] or abs(r["median"] - 1) <= 0.03
-                out.append({"target": f"{model} {name} / base within noise of 1.00", "value": r["median"],
-                            "iqr": [r["q1"], r["q3"]], "pass": ok})
+                out.append(
+                    {
+                        "target": f"{model} {name} / base within noise of 1.00",
+                        "value": r["median"],
+                        "iqr": [r["q1"], r["q3"]],
+                        "pass": ok,
+                    }
+                )
             elif name.startswith(("masm", "effort")):
-                out.append({"target": f"{model} {name} / base <= 1.10", "value": r["median"],
-                            "iqr": [r["q1"], r["q3"]], "pass": r["median"] <= 1.10})
+                out.append(
+                    {
+                        "target": f"{model} {name} / base <= 1.10",
+                        "value": r["median"],
+                        "iqr": [r["q1"], r["q3"]],
+                        "pass": r["median"] <= 1.10,
+                    }
+                )
     if "mask_overhead" in results:
         t = results["mask_overhead"]["times"]
         r = paired_ratio(t["masm"], t["masm_nomask"])
         mean_ratio = statistics.mean(t["masm"]) / statistics.mean(t["masm_nomask"])
-        out.append({"target": "mask overhead dynamic / none (median paired) <= 1.05", "value": r["median"],
-                    "iqr": [r["q1"], r["q3"]], "pass": r["median"] <= 1.05})
-        out.append({"target": "mask overhead dynamic / none (mean, decisions included) <= 1.05",
-                    "value": mean_ratio, "pass": mean_ratio <= 1.05})
+        out.append(
+            {
+                "target": "mask overhead dynamic / none (median paired) <= 1.05",
+                "value": r["median"],
+                "iqr": [r["q1"], r["q3"]],
+                "pass": r["median"] <= 1.05,
+            }
+        )
+        out.append(
+            {
+                "target": "mask overhead dynamic / none (mean, decisions included) <= 1.05",
+                "value": mean_ratio,
+                "pass": mean_ratio <= 1.05,
+            }
+        )
     if "decomposition" in results:
         big = results["decomposition"]
         model = big["model"]
         inj = peak(model, "effort", "inject_s")
         if inj is not None:
-            out.append({"target": f"{model} Effort injection (get_peft_model incl. SVD, {big['num_matrices']} "
-                        "matrices) <= 10 s", "value": inj, "pass": inj <= 10.0})
+            out.append(
+                {
+                    "target": f"{model} Effort injection (get_peft_model incl. SVD, {big['num_matrices']} "
+                    "matrices) <= 10 s",
+                    "value": inj,
+                    "pass": inj <= 10.0,
+                }
+            )
     return out
 
 
@@ -523,7 +663,9 @@ def machine_facts() -> dict[str, Any]:
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": load,
@@ -536,8 +678,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run on tiny models, few steps")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/speed[_quick].json)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a loaded shared 2-core machine 2-thread OpenMP regions stall)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a loaded shared 2-core machine 2-thread OpenMP regions stall)",
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed training steps (ViT-B/16, clip-small x4)")
     ap.add_argument("--steps-large", type=int, default=0, help="timed training steps for ViT-L/14")
     ap.add_argument("--warmup", type=int, default=1)
@@ -548,8 +694,11 @@ def main() -> None:
     ap.add_argument("--skip-large", action="store_true", help="leave ViT-L/14 out")
     ap.add_argument("--batch-small", type=int, default=1, help="batch size for ViT-B/16")
     ap.add_argument("--methods-small", default="base,lora_r8,masm_reg,masm,effort")
-    ap.add_argument("--methods-large", default="masm_reg,effort",
-                    help="ViT-L/14 step timing (masm_reg and effort are always built for the decomposition check)")
+    ap.add_argument(
+        "--methods-large",
+        default="masm_reg,effort",
+        help="ViT-L/14 step timing (masm_reg and effort are always built for the decomposition check)",
+    )
     ap.add_argument("--workers-large", default="lora_r8,masm_reg,effort")
     ap.add_argument("--skip-workers", action="store_true", help="no fresh-process figures (development only)")
     args = ap.parse_args()
@@ -576,8 +725,13 @@ def main() -> None:
     l_methods = list(dict.fromkeys(args.methods_large.split(",") + ["masm_reg", "effort"]))
     l_workers = args.workers_large.split(",")
     b_batch, l_batch = args.batch_small, 1
-    results: dict[str, Any] = {"machine": machine_facts(), "args": {k: str(v) for k, v in vars(args).items()},
-                               "training": {}, "inference": {}, "workers": []}
+    results: dict[str, Any] = {
+        "machine": machine_facts(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "training": {},
+        "inference": {},
+        "workers": [],
+    }
     log(f"machine {results['machine']}")
     out = args.out or ROOT / "benchmarks" / "results" / ("speed_quick.json" if args.quick else "speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -592,11 +746,21 @@ def main() -> None:
 
     # 1. training step time, interleaved; 2. inference
     trained = time_training(small, b_methods, b_batch, args.warmup, args.steps)
-    results["training"][small] = {"times": trained["times"], "batch_size": b_batch, "steps": args.steps,
-                                  "warmup": args.warmup}
+    results["training"][small] = {
+        "times": trained["times"],
+        "batch_size": b_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     save()
-    inf = time_inference(small, trained, [m for m in ("masm_reg", "effort", "lora_r8") if m in b_methods], ["masm_reg"],
-                         args.warmup, args.infer_reps)
+    inf = time_inference(
+        small,
+        trained,
+        [m for m in ("masm_reg", "effort", "lora_r8") if m in b_methods],
+        ["masm_reg"],
+        args.warmup,
+        args.infer_reps,
+    )
     results["inference"][small] = {**inf, "batch_size": b_batch, "reps": args.infer_reps}
     del trained, inf
     save()
@@ -609,9 +773,14 @@ def main() -> None:
     log(f"mask overhead {mask_model}: {mask_steps} steps")
     mt = interleave({m: t.step for m, t in mask_trainers.items()}, args.warmup, mask_steps)
     decisions = list(range(cfg.mask_warmup, mask_steps + args.warmup + 1, cfg.mask_interval))
-    results["mask_overhead"] = {"model": mask_model, "batch_size": 8, "steps": mask_steps, "times": mt,
-                                "decision_steps": decisions,
-                                "history_steps": mask_trainers["masm"].masm.layer_mask.history_steps}
+    results["mask_overhead"] = {
+        "model": mask_model,
+        "batch_size": 8,
+        "steps": mask_steps,
+        "times": mt,
+        "decision_steps": decisions,
+        "history_steps": mask_trainers["masm"].masm.layer_mask.history_steps,
+    }
     del mask_trainers, base
     save()
 
@@ -627,15 +796,22 @@ def main() -> None:
         dec = decomposition_check(large, {m: trained["trainers"][m] for m in ("masm_reg", "effort")}, args)
         results["decomposition"] = {**dec, "model": large}
         save()
-        results["training"][large] = {"times": trained["times"], "batch_size": l_batch,
-                                      "steps": args.steps_large, "warmup": args.warmup}
+        results["training"][large] = {
+            "times": trained["times"],
+            "batch_size": l_batch,
+            "steps": args.steps_large,
+            "warmup": args.warmup,
+        }
         del trained
 
     save(final=True)
     print(results["report_markdown"])
     print("\nTargets:")
     for t in results["targets"]:
-        print(f"- {verdict(t['pass'])}: {t['target']}: {t['value']:.3f}" + (f" IQR {t['iqr'][0]:.3f}-{t['iqr'][1]:.3f}" if "iqr" in t else ""))
+        print(
+            f"- {verdict(t['pass'])}: {t['target']}: {t['value']:.3f}"
+            + (f" IQR {t['iqr'][0]:.3f}-{t['iqr'][1]:.3f}" if "iqr" in t else "")
+        )
     print(f"\nwrote {out}")
 
 

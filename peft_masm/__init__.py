@@ -1,18 +1,26 @@
 """MASM for PEFT: Multi-Artifact Subspaces and selective layer Masks for deepfake detection.
 
-Importing this package registers the ``masm`` method with PEFT, so ``get_peft_model(model,
-MASMConfig(...))`` and ``PeftModel.from_pretrained(base, "org/adapter")`` work as for PEFT's own methods.
+Importing this package registers the ``masm`` method with PEFT (``peft_masm.tuner`` does it), so
+``get_peft_model(model, MASMConfig(...))`` and ``PeftModel.from_pretrained(base, "org/adapter")`` work as
+for PEFT's own methods. The tuner is ``peft_masm.tuner``; the application (training step, detector,
+data, backbones, metrics, Hub, CLI) sits above it.
 """
 
-from .config import MASMConfig, default_target_modules
-from .layer import BaseModelMismatchError, MASMLayer
-from .masking import LayerMaskController, calibrate_layer_mask, plot_mask_history
-from .model import MASMModel
-from .registration import register as _register
+from __future__ import annotations
 
-_register()
+import importlib
+from typing import Any
 
-__version__ = "0.1.0"
+from .tuner import (
+    BaseModelMismatchError,
+    LayerMaskController,
+    MASMConfig,
+    MASMLayer,
+    MASMModel,
+    default_target_modules,
+)
+
+__version__ = "0.2.0"
 
 __all__ = [
     "BaseModelMismatchError",
@@ -22,25 +30,36 @@ __all__ = [
     "MASMModel",
     "MASMTrainer",
     "MASMTrainerCallback",
+    "NonFiniteLossError",
+    "TrainingStep",
     "build_detector",
     "calibrate_layer_mask",
     "default_target_modules",
     "load_detector",
     "plot_mask_history",
+    "presets",
+    "push_detector_to_hub",
+    "save_detector",
 ]
 
+# Imported on first use: they pull in transformers.Trainer, matplotlib or the Hub client (slow to import).
 _LAZY = {
-    # Imported on first use: they pull in transformers.Trainer / the Hub client (slow to import).
-    "MASMTrainer": "training",
-    "MASMTrainerCallback": "training",
+    "MASMTrainer": "trainer",
+    "MASMTrainerCallback": "trainer",
+    "NonFiniteLossError": "training",
+    "TrainingStep": "training",
+    "calibrate_layer_mask": "training",
     "build_detector": "detector",
     "load_detector": "detector",
+    "save_detector": "detector",
+    "push_detector_to_hub": "detector",
+    "plot_mask_history": "visualization",
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name == "presets":
+        return importlib.import_module(".presets", __name__)
     raise AttributeError(f"module 'peft_masm' has no attribute {name!r}")

@@ -34,7 +34,9 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files = sorted((f for f in p.rglob("*") if f.is_file() and kind(f)), key=lambda f: natural_key(str(f)))
+            files = sorted(
+                (f for f in p.rglob("*") if f.is_file() and kind(f)), key=lambda f: natural_key(str(f))
+            )
             if not files:
                 raise FileNotFoundError(f"{p}: no images or videos in this folder")
             out += [(f, kind(f)) for f in files]
@@ -48,7 +50,9 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
     return out
 
 
-def _face_fn(training_config: dict[str, Any], detector: str | None) -> Callable[[np.ndarray], tuple[np.ndarray, bool]]:
+def _face_fn(
+    training_config: dict[str, Any], detector: str | None
+) -> Callable[[np.ndarray], tuple[np.ndarray, bool]]:
     """The face step used in training: crop at 256 px with a 1.3 margin, then (synthetic data) an area resize."""
     import cv2
 
@@ -73,30 +77,40 @@ def _face_fn(training_config: dict[str, Any], detector: str | None) -> Callable[
     return crop
 
 
-def detect(adapter: str, inputs: list[str], frames: int = 8, face_detector: str | None = None,
-           batch_size: int = 16) -> list[dict[str, Any]]:
+def detect(
+    adapter: str, inputs: list[str], frames: int = 8, face_detector: str | None = None, batch_size: int = 16
+) -> list[dict[str, Any]]:
     """Score every input: ``{"path", "type", "fake_probability", "frames", "faces_found"}`` per image or video."""
     import torch
     from PIL import Image
 
     from .data.io import read_image
     from .data.video import read_video_frames
-    from .detector import _training_config, load_detector, predict_proba
+    from .detector import load_detector, predict_proba, read_training_config
     from .hub import resolve_adapter
 
     items = collect_inputs(inputs)
     folder = resolve_adapter(adapter)
     model, processor = load_detector(str(folder))
-    crop = _face_fn(_training_config(folder), face_detector)
+    crop = _face_fn(read_training_config(folder), face_detector)
     results = []
     for path, kind in items:
-        frames_rgb = [read_image(path)] if kind == "image" else [f for _, f in read_video_frames(path, frames)]
+        frames_rgb = (
+            [read_image(path)] if kind == "image" else [f for _, f in read_video_frames(path, frames)]
+        )
         crops, found = zip(*(crop(f) for f in frames_rgb))
         pixels = processor(images=[Image.fromarray(c) for c in crops], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             probs = predict_proba(model, pixels, batch_size=batch_size)
-        results.append({"path": str(path), "type": kind, "fake_probability": float(probs.mean()),
-                        "frames": len(crops), "faces_found": int(sum(found))})
+        results.append(
+            {
+                "path": str(path),
+                "type": kind,
+                "fake_probability": float(probs.mean()),
+                "frames": len(crops),
+                "faces_found": int(sum(found)),
+            }
+        )
     return results
 
 
@@ -105,19 +119,26 @@ def _table(results: list[dict[str, Any]], threshold: float) -> str:
     lines = [f"{'path':<{width}}  type   frames  faces  p(fake)  verdict"]
     for r in results:
         verdict = "fake" if r["fake_probability"] >= threshold else "real"
-        lines.append(f"{r['path']:<{width}}  {r['type']:<5}  {r['frames']:>6}  {r['faces_found']:>5}  "
-                     f"{r['fake_probability']:>7.4f}  {verdict}")
+        lines.append(
+            f"{r['path']:<{width}}  {r['type']:<5}  {r['frames']:>6}  {r['faces_found']:>5}  "
+            f"{r['fake_probability']:>7.4f}  {verdict}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="masm-detect", description="Fake probability per image or video with a trained MASM detector.")
+        prog="masm-detect", description="Fake probability per image or video with a trained MASM detector."
+    )
     parser.add_argument("--adapter", required=True, help="adapter folder or Hub id (org/name)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--frames", type=int, default=8, help="evenly spaced frames per video (default 8)")
-    parser.add_argument("--face-detector", choices=["auto", "mtcnn", "lbp", "none"], default=None,
-                        help="override the face detector used in training ('none': score the whole image)")
+    parser.add_argument(
+        "--face-detector",
+        choices=["auto", "mtcnn", "lbp", "none"],
+        default=None,
+        help="override the face detector used in training ('none': score the whole image)",
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="verdict threshold on p(fake)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, videos or folders")
     args = parser.parse_args(argv)
@@ -127,12 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     from .data.io import DataError
     from .detector import BackboneNotAvailableError
     from .hub import AdapterNotAvailableError
-    from .layer import BaseModelMismatchError
+    from .tuner import BaseModelMismatchError
 
     try:
         results = detect(args.adapter, args.inputs, frames=args.frames, face_detector=args.face_detector)
-    except (FileNotFoundError, ValueError, DataError, AdapterNotAvailableError, BackboneNotAvailableError,
-            BaseModelMismatchError) as err:
+    except (
+        FileNotFoundError,
+        ValueError,
+        DataError,
+        AdapterNotAvailableError,
+        BackboneNotAvailableError,
+        BaseModelMismatchError,
+    ) as err:
         print(f"masm-detect: error: {err}", file=sys.stderr)
         return 2
     if args.json:

@@ -16,7 +16,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import MASMConfig, default_target_modules
+from .tuner import MASMConfig, default_target_modules
 
 __all__ = [
     "ID2LABEL",
@@ -125,7 +125,11 @@ def head_module_names(model: nn.Module, num_labels: int = 2) -> list[str]:
     """Top-level child modules holding the classification head (a Linear with ``num_labels`` outputs)."""
     names = []
     for name, child in model.named_children():
-        linears = [child] if isinstance(child, nn.Linear) else [m for m in child.modules() if isinstance(m, nn.Linear)]
+        linears = (
+            [child]
+            if isinstance(child, nn.Linear)
+            else [m for m in child.modules() if isinstance(m, nn.Linear)]
+        )
         if linears and all(lin.out_features == num_labels for lin in linears):
             names.append(name)
     if not names:
@@ -174,8 +178,9 @@ def build_detector(
     return peft_model
 
 
-def _training_config(folder: Path) -> dict[str, Any]:
-    path = folder / "training_config.yaml"
+def read_training_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``training_config.yaml`` saved beside a detector's adapter (``{}`` when there is none)."""
+    path = Path(folder) / "training_config.yaml"
     if not path.is_file():
         return {}
     import yaml
@@ -207,13 +212,15 @@ def load_detector(
     config_data = json.loads((folder / "adapter_config.json").read_text())
     base = base_model or config_data.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{folder}/adapter_config.json names no base_model_name_or_path; pass base_model=...")
+        raise ValueError(
+            f"{folder}/adapter_config.json names no base_model_name_or_path; pass base_model=..."
+        )
     model = load_base_classifier(base, torch_dtype=torch_dtype)
     peft_config = PeftConfig.from_pretrained(str(folder))
     peft_model = PeftModel.from_pretrained(model, str(folder), config=peft_config)
     peft_model.eval()
     if image_size is None:
-        image_size = _training_config(folder).get("image_size")
+        image_size = read_training_config(folder).get("image_size")
     if (folder / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 

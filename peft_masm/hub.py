@@ -5,11 +5,11 @@ The token used for pushing is never printed, logged or put into an exception mes
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import math
 import re
-import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,19 @@ from huggingface_hub.errors import (
 
 logger = logging.getLogger(__name__)
 
-# The template lives in the repository's model_cards/; a wheel installs it under <prefix>/share/peft_masm/.
-_TEMPLATE_NAME = "masm_adapter.md"
-_CHECKOUT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / _TEMPLATE_NAME
-_INSTALLED_TEMPLATE = Path(sysconfig.get_path("data")) / "share" / "peft_masm" / "model_cards" / _TEMPLATE_NAME
-DEFAULT_TEMPLATE_PATH: Path = _CHECKOUT_TEMPLATE if _CHECKOUT_TEMPLATE.is_file() else _INSTALLED_TEMPLATE
+# The model-card template is package data (peft_masm/templates/model_card.md).
+DEFAULT_TEMPLATE_PATH: Path = Path(
+    str(importlib.resources.files("peft_masm") / "templates" / "model_card.md")
+)
 TRAINING_CONFIG_NAME = "training_config.yaml"
 REQUIRED_ADAPTER_FILES: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors", "README.md")
-BASE_TAGS: tuple[str, ...] = ("peft", "masm", "deepfake-detection", "image-classification", "face-forgery-detection")
+BASE_TAGS: tuple[str, ...] = (
+    "peft",
+    "masm",
+    "deepfake-detection",
+    "image-classification",
+    "face-forgery-detection",
+)
 METRIC_TYPES: dict[str, tuple[str, str]] = {
     "auc": ("roc_auc", "AUC"),
     "eer": ("eer", "EER"),
@@ -139,7 +144,9 @@ def render_model_card(
     the results come from the smoke-scale synthetic benchmark, and the card says so.
     """
     if not base_model:
-        raise ValueError("base_model is empty; pass the Hub id or path of the backbone the adapter was trained on.")
+        raise ValueError(
+            "base_model is empty; pass the Hub id or path of the backbone the adapter was trained on."
+        )
     name = model_name or f"{base_model.rstrip('/').split('/')[-1]}-masm"
     results = eval_results_to_card(eval_results) if eval_results else None
     tags = list(dict.fromkeys([*BASE_TAGS, f"base_model:adapter:{base_model}", *extra_tags]))
@@ -163,7 +170,9 @@ def render_model_card(
         repo_id=repo_id or "path/to/this/adapter",
         adapter_summary=adapter_summary(adapter_config),
         adapter_parameters=f"{adapter_parameters:,}" if adapter_parameters is not None else "",
-        training_config_yaml=yaml.safe_dump(dict(training_config), sort_keys=False) if training_config else "",
+        training_config_yaml=yaml.safe_dump(dict(training_config), sort_keys=False)
+        if training_config
+        else "",
         training_config_file=TRAINING_CONFIG_NAME if training_config else "",
         results_table=_results_table(eval_results),
         threshold=", ".join(str(t) for t in sorted(thresholds)) or "0.5",
@@ -176,8 +185,8 @@ def _template(template_path: str | Path | None) -> Path:
     path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
     if not path.is_file():
         raise FileNotFoundError(
-            f"model card template {path} not found; pass template_path= (the template is model_cards/masm_adapter.md "
-            "in the peft_masm source tree)."
+            f"model card template {path} not found; pass template_path= (the default template is package "
+            "data: peft_masm/templates/model_card.md; reinstall peft_masm if it is missing)."
         )
     return path
 
@@ -218,11 +227,15 @@ def save_adapter_card(
     if adapter_config is None:
         config_path = out / "adapter_config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found; call model.save_pretrained({str(out)!r}) first.")
+            raise FileNotFoundError(
+                f"{config_path} not found; call model.save_pretrained({str(out)!r}) first."
+            )
         adapter_config = json.loads(config_path.read_text())
     if "adapter_parameters" not in card_kwargs and (out / "adapter_model.safetensors").is_file():
         card_kwargs["adapter_parameters"] = count_adapter_parameters(out)
-    card = render_model_card(base_model, adapter_config, training_config, eval_results, datasets, **card_kwargs)
+    card = render_model_card(
+        base_model, adapter_config, training_config, eval_results, datasets, **card_kwargs
+    )
     if training_config:
         save_training_config(out, training_config)
     path = out / "README.md"
@@ -250,7 +263,11 @@ def adapter_upload_patterns(local_dir: str | Path) -> list[str]:
         raise FileNotFoundError(f"{folder} is not a directory; pass the folder given to save_pretrained.")
     missing = [name for name in REQUIRED_ADAPTER_FILES if not (folder / name).is_file()]
     if missing:
-        hint = "call save_adapter_card() to write README.md" if missing == ["README.md"] else "call save_pretrained()"
+        hint = (
+            "call save_adapter_card() to write README.md"
+            if missing == ["README.md"]
+            else "call save_pretrained()"
+        )
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; {hint} first.")
     extra = [TRAINING_CONFIG_NAME] if (folder / TRAINING_CONFIG_NAME).is_file() else []
     return [*REQUIRED_ADAPTER_FILES, *extra]
@@ -312,7 +329,9 @@ def resolve_adapter(
     local = Path(path_or_repo_id).expanduser()
     if local.exists():
         if not (local / "adapter_config.json").is_file():
-            raise AdapterNotAvailableError(f"{local} has no adapter_config.json; pass a folder written by save_pretrained.")
+            raise AdapterNotAvailableError(
+                f"{local} has no adapter_config.json; pass a folder written by save_pretrained."
+            )
         return local
     repo_id = str(path_or_repo_id)
     try:
@@ -329,5 +348,7 @@ def resolve_adapter(
     except LocalEntryNotFoundError as err:
         raise AdapterNotAvailableError(_not_available_message(repo_id, revision, err)) from err
     if not (folder / "adapter_config.json").is_file():
-        raise AdapterNotAvailableError(f"Hub repo {repo_id!r} has no adapter_config.json; is it a PEFT adapter?")
+        raise AdapterNotAvailableError(
+            f"Hub repo {repo_id!r} has no adapter_config.json; is it a PEFT adapter?"
+        )
     return folder

@@ -1,17 +1,59 @@
-"""MASM in ``transformers.Trainer``: the layer-mask callback and a Trainer that adds the regularisers."""
+"""The one MASM training step: task loss + regularisers, backward, clipping, non-finite guard, layer mask, optimizer.
+
+``TrainingStep`` is what ``recipes/train.py`` and the benchmarks run for every batch, and
+``peft_masm.MASMTrainer`` runs the same lifecycle inside ``transformers.Trainer``. The order at each
+optimizer step (an accumulation boundary) is fixed here, once:
+
+1. ``backward()`` of ``task loss + regularization_loss()["total"]`` (every micro-batch);
+2. gradient clipping (when ``max_grad_norm`` is set), which also yields the gradient norm;
+3. non-finite check of that norm (after data-parallel synchronisation, so every rank agrees):
+   raise :class:`NonFiniteLossError` naming the step, or skip the step with a warning;
+4. ``update_layer_mask()`` (statistics, decisions, masked gradients dropped);
+5. ``optimizer.step()``, ``scheduler.step()``, ``optimizer.zero_grad()``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
-from transformers import Trainer, TrainerCallback
+from torch import nn
 
-from .model import MASMModel
+from .tuner import MASMModel
+
+__all__ = [
+    "NonFiniteLossError",
+    "StepOutput",
+    "TrainingStep",
+    "calibrate_layer_mask",
+    "check_finite_gradients",
+    "find_masm_model",
+]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-def find_masm_model(model: torch.nn.Module) -> MASMModel:
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients of a training step are NaN or infinite (nothing was written to the adapter)."""
+
+
+def find_masm_model(model: nn.Module) -> MASMModel:
     """The ``MASMModel`` inside a PeftModel, possibly wrapped by DDP / accelerate / torch.compile."""
+    masm = maybe_masm_model(model)
+    if masm is None:
+        raise ValueError(
+            f"{type(model).__name__} holds no MASM adapter: build it with get_peft_model(model, MASMConfig(...)) "
+            "after `import peft_masm`."
+        )
+    return masm
+
+
+def maybe_masm_model(model: nn.Module) -> MASMModel | None:
+    """Like :func:`find_masm_model`, but ``None`` for a model with another adapter (e.g. a LoRA baseline)."""
     for module in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
         if module is None:
             continue
@@ -20,36 +62,181 @@ def find_masm_model(model: torch.nn.Module) -> MASMModel:
         base = getattr(module, "base_model", None)
         if isinstance(base, MASMModel):
             return base
-    raise ValueError(
-        f"{type(model).__name__} holds no MASM adapter: build it with get_peft_model(model, MASMConfig(...)) "
-        "after `import peft_masm`."
+    return None
+
+
+def _regularisers_on(masm: MASMModel) -> bool:
+    config = masm.peft_config[masm.active_adapters[0]]
+    return bool(config.orthogonality_weight or config.spectral_weight)
+
+
+def check_finite_gradients(
+    parameters: Iterable[nn.Parameter],
+    step: int,
+    on_non_finite: Literal["raise", "skip"] = "raise",
+    norm=None,
+) -> bool:
+    """True when every gradient is finite. Otherwise raise :class:`NonFiniteLossError` naming ``step``, or
+    (``on_non_finite="skip"``) warn, drop every gradient (so the optimizer skips the step) and return False.
+
+    ``norm`` is the total gradient norm when already known (from clipping).
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if norm is None:
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    value = float(norm)
+    if math.isfinite(value):
+        return True
+    message = (
+        f"optimizer step {step}: the gradients are not finite (total norm {value}); a NaN/inf in the inputs, "
+        "labels or loss reached the adapter. Nothing was written to the adapter."
     )
+    if on_non_finite == "raise":
+        raise NonFiniteLossError(
+            message + " Check the data of this step, lower the learning rate, or pass on_non_finite='skip'."
+        )
+    warnings.warn(message + " The step is skipped (on_non_finite='skip').", RuntimeWarning, stacklevel=2)
+    for p in params:
+        p.grad = None
+    return False
 
 
-class MASMTrainerCallback(TrainerCallback):
-    """Runs ``update_layer_mask`` in ``on_pre_optimizer_step`` (after clipping, before ``optimizer.step()``)."""
+@dataclass
+class StepOutput:
+    """What one call of :class:`TrainingStep` did."""
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
-        # state.global_step counts finished optimizer steps; the one about to happen is the next.
-        find_masm_model(model).update_layer_mask(state.global_step + 1)
+    loss: float  # task loss + regularisers of this micro-batch
+    task_loss: float
+    regularization: dict[str, float] = field(default_factory=dict)
+    optimizer_step: bool = False  # this micro-batch ended an optimizer step (accumulation boundary)
+    skipped: bool = False  # that optimizer step was skipped (non-finite gradients, on_non_finite="skip")
 
 
-class MASMTrainer(Trainer):
-    """A ``Trainer`` that adds MASM's regularisers to the task loss and runs the layer mask.
+class TrainingStep:
+    """One micro-batch of training, in the order given in this module's docstring.
 
-    PEFT's ``PeftModel.forward`` drops a tuner's own loss for vision models, so the regularisers
-    (``regularization_loss()["total"]``) are added here.
+    ``loss_fn(model, batch)`` returns the task loss; the regularisers of a MASM adapter are added here
+    (a LoRA or other PEFT adapter trains through the same step without them). With an ``accelerator``
+    the step uses its gradient accumulation, backward, clipping and synchronisation; without one it is
+    a plain PyTorch step (``gradient_accumulation_steps`` is then 1).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not any(isinstance(cb, MASMTrainerCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(MASMTrainerCallback())
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        *,
+        accelerator: Any = None,
+        scheduler: Any = None,
+        max_grad_norm: float | None = None,
+        on_non_finite: Literal["raise", "skip"] = "raise",
+        masm_model: MASMModel | None = None,
+    ) -> None:
+        if on_non_finite not in ("raise", "skip"):
+            raise ValueError(f"on_non_finite must be 'raise' or 'skip', got {on_non_finite!r}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.accelerator = accelerator
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.on_non_finite = on_non_finite
+        self.masm = masm_model if masm_model is not None else maybe_masm_model(model)
+        self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.optimizer_steps = 0  # optimizer steps taken or skipped (accumulation boundaries)
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, **kwargs):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        masm = find_masm_model(model)
-        config = masm.peft_config[masm.active_adapters[0]]
-        if config.orthogonality_weight or config.spectral_weight:
-            loss = loss + masm.regularization_loss()["total"].to(loss.device)
-        return (loss, outputs) if return_outputs else loss
+    def loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, task, regularisation terms)`` for ``batch``."""
+        task = self.loss_fn(self.model, batch)
+        if self.masm is None or not _regularisers_on(self.masm):
+            return task, task, {}
+        terms = self.masm.regularization_loss()
+        return task + terms["total"].to(task.device), task, terms
+
+    def calibrate(self, loader: Iterable[Any], num_batches: int) -> torch.Tensor:
+        """The static layer mask's calibration pass, with this step's loss (see :func:`calibrate_layer_mask`)."""
+        return calibrate_layer_mask(self.model, loader, lambda model, batch: self.loss(batch)[0], num_batches)
+
+    def _boundary(self) -> bool:
+        return True if self.accelerator is None else bool(self.accelerator.sync_gradients)
+
+    def _clip(self) -> torch.Tensor | None:
+        limit = self.max_grad_norm
+        if self.accelerator is not None:
+            if self.accelerator.scaler is not None:  # fp16: the grad scaler skips overflowing steps itself
+                return self.accelerator.clip_grad_norm_(self.params, limit) if limit is not None else None
+            return self.accelerator.clip_grad_norm_(self.params, limit if limit is not None else math.inf)
+        if limit is not None:
+            return torch.nn.utils.clip_grad_norm_(self.params, limit)
+        return None
+
+    def __call__(self, batch: Any) -> StepOutput:
+        accumulate = (
+            self.accelerator.accumulate(self.model) if self.accelerator is not None else _null_context()
+        )
+        with accumulate:
+            total, task, terms = self.loss(batch)
+            if self.accelerator is not None:
+                self.accelerator.backward(total)
+            else:
+                total.backward()
+            boundary = self._boundary()
+            skipped = False
+            if boundary:
+                self.optimizer_steps += 1
+                norm = self._clip()
+                fp16 = self.accelerator is not None and self.accelerator.scaler is not None
+                finite = fp16 or check_finite_gradients(
+                    self.params, self.optimizer_steps, self.on_non_finite, norm
+                )
+                skipped = not finite
+                if finite and self.masm is not None:
+                    self.masm.update_layer_mask()
+            if not skipped:
+                self.optimizer.step()  # accelerate's prepared optimizer only steps at boundaries
+                if self.scheduler is not None:
+                    self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(
+            loss=float(total.detach()),
+            task_loss=float(task.detach()),
+            regularization={k: float(v.detach()) for k, v in terms.items()},
+            optimizer_step=boundary,
+            skipped=skipped,
+        )
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def calibrate_layer_mask(
+    peft_model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn, num_batches: int = 8
+):
+    """Static layer mask (``layer_mask="static"``): gradient statistics over ``num_batches`` batches, then one
+    decision kept for the whole run. Call it once before training (``TrainingStep.calibrate`` and
+    ``MASMTrainer`` do). ``loss_fn(model, batch)`` returns the scalar loss. Returns the keep mask over units.
+    """
+    controller = find_masm_model(peft_model).layer_mask
+    if num_batches <= 0:
+        raise ValueError(f"num_batches must be positive, got {num_batches}.")
+    seen = 0
+    for batch in dataloader:
+        if seen >= num_batches:
+            break
+        peft_model.zero_grad(set_to_none=True)
+        loss_fn(peft_model, batch).backward()
+        controller.accumulate()
+        seen += 1
+    peft_model.zero_grad(set_to_none=True)
+    if seen == 0:
+        raise ValueError("calibrate_layer_mask got an empty data loader: it needs at least one batch.")
+    keep = controller.decide(0)
+    controller.calibrated = True
+    return keep

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from recipe_config import ConfigError, TrainConfig, load_config  # noqa: E402
+from peft_masm.recipe.config import ConfigError, TrainConfig, load_config
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -46,8 +45,10 @@ class JSONLTracker:
         (self.path.parent / "run_config.json").write_text(json.dumps(values, indent=2, default=str))
 
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
-        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
-                                for k, v in values.items()}}
+        row = {
+            "step": step,
+            **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()},
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -81,8 +82,12 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
 
 
 def _checkpoints(root: Path) -> list[Path]:
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [
+        p
+        for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 class TrainState:
@@ -162,15 +167,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # Everything that can fail on bad input happens here, before any training step.
     with accelerator.main_process_first():
-        log(f"[1/4] backbone {cfg.backbone!r} (offline aliases are prepared from packaged weights on first use)")
+        log(
+            f"[1/4] backbone {cfg.backbone!r} (offline aliases are prepared from packaged weights on first use)"
+        )
         processor = load_image_processor(cfg.backbone, cfg.image_size)
-        from recipe_data import build_data, collate
+        from peft_masm.recipe.data import build_data, collate
 
-        log(f"[2/4] data: {cfg.data}" + (" (packaged real faces + synthesised forgeries)" if cfg.data == "synthetic"
-                                         else f" from {cfg.train_path}"))
+        log(
+            f"[2/4] data: {cfg.data}"
+            + (
+                " (packaged real faces + synthesised forgeries)"
+                if cfg.data == "synthetic"
+                else f" from {cfg.train_path}"
+            )
+        )
         data = build_data(cfg, processor)
-        log(f"      train {len(data.train)}, validation {len(data.val)}, test sets: "
-            + (", ".join(f"{k} ({len(v)})" for k, v in data.tests.items()) or "none"))
+        log(
+            f"      train {len(data.train)}, validation {len(data.val)}, test sets: "
+            + (", ".join(f"{k} ({len(v)})" for k, v in data.tests.items()) or "none")
+        )
     log(f"[3/4] detector: {cfg.method} on {cfg.backbone}")
     peft_model = build_detector(cfg.backbone, _peft_config(cfg))  # MASM's SVD runs here, once, on every rank
     is_masm = cfg.method == "masm"
@@ -180,15 +195,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         logits = forward_logits(model, batch["pixel_values"]).float()
-        task = torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device), weight=class_weights)
+        task = torch.nn.functional.cross_entropy(
+            logits, batch["labels"].to(logits.device), weight=class_weights
+        )
         return task + masm.regularization_loss()["total"] if is_masm else task
 
     counts = torch.bincount(torch.tensor(data.train_labels), minlength=2).float()
     class_weights = (counts.sum() / (2 * counts)) if cfg.balance_classes else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                              num_workers=cfg.num_workers, generator=generator, drop_last=False)
-    if is_masm and peft_model.peft_config["default"].layer_mask == "static" and cfg.resume_from_checkpoint is None:
+    train_loader = DataLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        generator=generator,
+        drop_last=False,
+    )
+    if (
+        is_masm
+        and peft_model.peft_config["default"].layer_mask == "static"
+        and cfg.resume_from_checkpoint is None
+    ):
         calib = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
         peft_masm.calibrate_layer_mask(peft_model, calib, loss_fn, num_batches=cfg.mask_calibration_batches)
 
@@ -199,7 +227,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = _scheduler(cfg, optimizer, total_steps)
     if class_weights is not None:
         class_weights = class_weights.to(accelerator.device)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(peft_model, optimizer, train_loader, scheduler)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(
+        peft_model, optimizer, train_loader, scheduler
+    )
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     if is_masm:
@@ -212,8 +242,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if adapter_only and accelerator.is_main_process:
-            save_file(get_peft_model_state_dict(accelerator.unwrap_model(models[0])),
-                      os.path.join(output_dir, "adapter_state.safetensors"))
+            save_file(
+                get_peft_model_state_dict(accelerator.unwrap_model(models[0])),
+                os.path.join(output_dir, "adapter_state.safetensors"),
+            )
         if adapter_only:
             while weights:
                 weights.pop()
@@ -270,24 +302,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         else:
             path = Path(cfg.resume_from_checkpoint)
             if not path.is_dir():
-                raise ConfigError(f"resume_from_checkpoint: {path} is not a checkpoint folder (or use 'latest').")
+                raise ConfigError(
+                    f"resume_from_checkpoint: {path} is not a checkpoint folder (or use 'latest')."
+                )
         if path is not None:
             accelerator.load_state(str(path))
             log(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
 
-    log(f"[4/4] training {cfg.epochs} epoch(s), {steps_per_epoch} optimizer steps each, on {accelerator.num_processes} "
-        f"process(es) ({accelerator.device})")
-    accelerator.init_trackers("masm", config={k: v for k, v in cfg.to_dict().items()
-                                              if isinstance(v, (int, float, str, bool))})
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process,
-                    desc="train")
+    log(
+        f"[4/4] training {cfg.epochs} epoch(s), {steps_per_epoch} optimizer steps each, on {accelerator.num_processes} "
+        f"process(es) ({accelerator.device})"
+    )
+    accelerator.init_trackers(
+        "masm", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+    )
+    progress = tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        disable=not accelerator.is_local_main_process,
+        desc="train",
+    )
     t0 = time.time()
     stopped = False
     model.train()
     while state.epoch < cfg.epochs and not stopped:
         train_loader.set_epoch(state.epoch)
-        loader = accelerator.skip_first_batches(train_loader, state.step_in_epoch) if state.step_in_epoch \
+        loader = (
+            accelerator.skip_first_batches(train_loader, state.step_in_epoch)
+            if state.step_in_epoch
             else train_loader
+        )
         running, seen = 0.0, 0
         for batch in loader:
             with accelerator.accumulate(model):
@@ -295,7 +339,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if is_masm:
-                        masm.update_layer_mask(state.global_step)
+                        masm.update_layer_mask()
                     if cfg.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -309,8 +353,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state.global_step += 1
             progress.update(1)
             if state.global_step % cfg.logging_steps == 0:
-                accelerator.log({"train/loss": running / seen, "train/lr": scheduler.get_last_lr()[0],
-                                 "epoch": state.epoch}, step=state.global_step)
+                accelerator.log(
+                    {
+                        "train/loss": running / seen,
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "epoch": state.epoch,
+                    },
+                    step=state.global_step,
+                )
                 progress.set_postfix(loss=f"{running / seen:.4f}")
                 running, seen = 0.0, 0
             if cfg.checkpointing_steps and state.global_step % cfg.checkpointing_steps == 0:
@@ -323,17 +373,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if stopped:
             break
         # End of epoch: validate on the held-out split of the training domain.
-        from recipe_eval import predict
+        from peft_masm.evaluation import predict
 
-        labels, scores, vids, val_loss = predict(model, data.val, cfg.eval_batch_size, accelerator=accelerator)
+        labels, scores, vids, val_loss = predict(
+            model, data.val, cfg.eval_batch_size, accelerator=accelerator
+        )
         from peft_masm.metrics import compute_detection_metrics
 
         val_auc = compute_detection_metrics(labels, scores, n_bootstrap=0)["frame_auc"]
         metric = val_auc if cfg.metric_for_best == "auc" else -val_loss
-        accelerator.log({"val/auc": val_auc, "val/loss": val_loss, "epoch": state.epoch}, step=state.global_step)
+        accelerator.log(
+            {"val/auc": val_auc, "val/loss": val_loss, "epoch": state.epoch}, step=state.global_step
+        )
         improved = state.best_metric is None or metric > state.best_metric
-        log(f"epoch {state.epoch}: val AUC {val_auc:.4f}, val loss {val_loss:.4f}"
-            f"{' (best so far)' if improved else ''} [{time.time() - t0:.0f}s]")
+        log(
+            f"epoch {state.epoch}: val AUC {val_auc:.4f}, val loss {val_loss:.4f}"
+            f"{' (best so far)' if improved else ''} [{time.time() - t0:.0f}s]"
+        )
         if improved:
             state.best_metric, state.best_epoch = float(metric), state.epoch
             save_adapter(adapter_dir)
@@ -342,13 +398,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state.step_in_epoch = 0
         save_checkpoint()
     progress.close()
-    summary: dict[str, Any] = {"output_dir": str(out_dir), "stopped_early": stopped,
-                               "global_step": state.global_step}
+    summary: dict[str, Any] = {
+        "output_dir": str(out_dir),
+        "stopped_early": stopped,
+        "global_step": state.global_step,
+    }
     if stopped:
-        log(f"stopped after step {state.global_step} (stop_after_step); resume with --resume_from_checkpoint latest")
+        log(
+            f"stopped after step {state.global_step} (stop_after_step); resume with --resume_from_checkpoint latest"
+        )
         accelerator.end_training()
         return summary
-    summary.update(best_epoch=state.best_epoch, best_val_metric=state.best_metric, adapter_dir=str(adapter_dir))
+    summary.update(
+        best_epoch=state.best_epoch, best_val_metric=state.best_metric, adapter_dir=str(adapter_dir)
+    )
     if accelerator.is_main_process:
         summary.update(_finish(cfg, accelerator.unwrap_model(model), data, adapter_dir, out_dir, log))
     accelerator.wait_for_everyone()
@@ -356,8 +419,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _finish(cfg: TrainConfig, model: torch.nn.Module, data: Any, adapter_dir: Path, out_dir: Path,
-            log: Any) -> dict[str, Any]:
+def _finish(
+    cfg: TrainConfig, model: torch.nn.Module, data: Any, adapter_dir: Path, out_dir: Path, log: Any
+) -> dict[str, Any]:
     """Main process: mask heatmap, test-set evaluation of the best adapter, model card, Hub push."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -374,16 +438,35 @@ def _finish(cfg: TrainConfig, model: torch.nn.Module, data: Any, adapter_dir: Pa
     set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     results = None
     if data.tests:
-        from recipe_eval import score_sets
+        from peft_masm.evaluation import score_sets
 
         log("evaluating the best-on-validation adapter on the test sets:")
-        results = score_sets(model, data.tests, out_dir, cfg.eval_batch_size, cfg.n_bootstrap, cfg.seed, log=log,
-                             subsets=data.test_subsets)
-        written.update(results_json=str(out_dir / "results.json"), results_md=str(out_dir / "results.md"),
-                       roc_plot=str(out_dir / "roc.png"), results=results)
-    save_adapter_card(adapter_dir, base_model=card_base_model(cfg.backbone), training_config=cfg.to_dict(),
-                      eval_results=results, datasets=None, synthetic_benchmark=cfg.data == "synthetic",
-                      base_model_class="AutoModelForImageClassification", repo_id=cfg.hub_model_id)
+        results = score_sets(
+            model,
+            data.tests,
+            out_dir,
+            cfg.eval_batch_size,
+            cfg.n_bootstrap,
+            cfg.seed,
+            log=log,
+            subsets=data.test_subsets,
+        )
+        written.update(
+            results_json=str(out_dir / "results.json"),
+            results_md=str(out_dir / "results.md"),
+            roc_plot=str(out_dir / "roc.png"),
+            results=results,
+        )
+    save_adapter_card(
+        adapter_dir,
+        base_model=card_base_model(cfg.backbone),
+        training_config=cfg.to_dict(),
+        eval_results=results,
+        datasets=None,
+        synthetic_benchmark=cfg.data == "synthetic",
+        base_model_class="AutoModelForImageClassification",
+        repo_id=cfg.hub_model_id,
+    )
     written["model_card"] = str(adapter_dir / "README.md")
     if cfg.push_to_hub:
         url = push_adapter_to_hub(adapter_dir, cfg.hub_model_id, private=cfg.hub_private)
@@ -427,8 +510,13 @@ def _is_main() -> bool:
 def _print_summary(summary: dict[str, Any]) -> None:
     print("\nDone. Outputs:")
     print(f"  adapter (best on validation, with model card): {summary['adapter_dir']}")
-    for key, label in (("results_json", "results"), ("results_md", "results table"), ("roc_plot", "ROC plot"),
-                       ("mask_plot", "layer-mask heatmap"), ("hub_commit", "Hub commit")):
+    for key, label in (
+        ("results_json", "results"),
+        ("results_md", "results table"),
+        ("roc_plot", "ROC plot"),
+        ("mask_plot", "layer-mask heatmap"),
+        ("hub_commit", "Hub commit"),
+    ):
         if key in summary:
             print(f"  {label}: {summary[key]}")
 

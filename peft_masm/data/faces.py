@@ -17,8 +17,13 @@ import numpy as np
 __all__ = ["Face", "FaceCropper", "LBPDetector", "load_mtcnn", "crop_face", "ALIGN_TEMPLATE"]
 
 # ArcFace 5-point template (left eye, right eye, nose, mouth left, mouth right) in a 112x112 face box.
-ALIGN_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                           [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32) / 112.0
+ALIGN_TEMPLATE = (
+    np.array(
+        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+        dtype=np.float32,
+    )
+    / 112.0
+)
 
 
 @dataclass
@@ -41,11 +46,18 @@ class LBPDetector:
     def __call__(self, image: np.ndarray) -> list[Face]:
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
         h, w = grey.shape
-        hits = self.cascade.detect_multi_scale(grey, scale_factor=self.scale_factor, step_ratio=1,
-                                               min_size=(self.min_size, self.min_size), max_size=(h, w),
-                                               min_neighbor_number=3)
-        return [Face(np.array([d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]], np.float32), 1.0)
-                for d in hits]
+        hits = self.cascade.detect_multi_scale(
+            grey,
+            scale_factor=self.scale_factor,
+            step_ratio=1,
+            min_size=(self.min_size, self.min_size),
+            max_size=(h, w),
+            min_neighbor_number=3,
+        )
+        return [
+            Face(np.array([d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]], np.float32), 1.0)
+            for d in hits
+        ]
 
 
 def load_mtcnn(min_face_size: int = 20, max_side: int = 960) -> Callable[[np.ndarray], list[Face]]:
@@ -53,7 +65,7 @@ def load_mtcnn(min_face_size: int = 20, max_side: int = 960) -> Callable[[np.nda
 
     Images larger than ``max_side`` are searched at reduced scale (boxes are mapped back).
     """
-    from .assets import fetch_asset
+    from ..assets import fetch_asset
     from .mtcnn import MTCNN
 
     net = MTCNN(fetch_asset("facenet-pytorch") / "facenet_pytorch" / "data", min_face_size=min_face_size)
@@ -67,7 +79,9 @@ def load_mtcnn(min_face_size: int = 20, max_side: int = 960) -> Callable[[np.nda
     return detect
 
 
-def crop_face(image: np.ndarray, face: Face, size: int = 256, margin: float = 1.3, align: bool = True) -> np.ndarray:
+def crop_face(
+    image: np.ndarray, face: Face, size: int = 256, margin: float = 1.3, align: bool = True
+) -> np.ndarray:
     """Square crop of side ``margin`` x the face box, resized to ``size``; similarity-aligned to the
     5-point template when landmarks exist and ``align`` is set. Borders are reflected, not black.
     """
@@ -76,15 +90,21 @@ def crop_face(image: np.ndarray, face: Face, size: int = 256, margin: float = 1.
         dst = ((ALIGN_TEMPLATE - 0.5) / margin + 0.5) * size
         mat, _ = cv2.estimateAffinePartial2D(face.landmarks.astype(np.float32), dst, method=cv2.LMEDS)
         if mat is not None:
-            return cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_REFLECT_101)
+            return cv2.warpAffine(
+                image, mat, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+            )
     x1, y1, x2, y2 = face.box
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half = max(x2 - x1, y2 - y1) * margin / 2
     scale = size / (2 * half)
     mat = np.array([[scale, 0, size / 2 - scale * cx], [0, scale, size / 2 - scale * cy]], np.float32)
-    return cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REFLECT_101)
+    return cv2.warpAffine(
+        image,
+        mat,
+        (size, size),
+        flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
 
 
 class FaceCropper:
@@ -93,8 +113,14 @@ class FaceCropper:
     ``detector``: ``"mtcnn"``, ``"lbp"``, ``"auto"`` or any callable ``image -> list[Face]``.
     """
 
-    def __init__(self, detector: str | Callable[[np.ndarray], list[Face]] = "auto", size: int = 256,
-                 margin: float = 1.3, align: bool = True, min_score: float = 0.9):
+    def __init__(
+        self,
+        detector: str | Callable[[np.ndarray], list[Face]] = "auto",
+        size: int = 256,
+        margin: float = 1.3,
+        align: bool = True,
+        min_score: float = 0.9,
+    ):
         self.size, self.margin, self.align, self.min_score = size, margin, align, min_score
         self.name = detector if isinstance(detector, str) else type(detector).__name__
         if detector == "auto":

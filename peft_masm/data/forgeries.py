@@ -10,19 +10,28 @@ and ``rng``, so a seeded generator reproduces them. ``FAMILIES`` maps names to f
 Faces are assumed to be centred crops (as :class:`peft_masm.data.faces.FaceCropper` makes), so the
 altered region is a jittered, feathered ellipse over the inner face.
 
-Run ``python -m peft_masm.data.forgeries sheet --out sheet.png`` for a picture sheet.
+Run ``python -m peft_masm.data.sheet --out sheet.png`` for a picture sheet.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import cv2
 import numpy as np
 
-__all__ = ["FAMILIES", "Forgery", "face_mask", "self_blend", "colour_swap", "gan_upsample",
-           "double_jpeg", "denoise_renoise", "spectral_peaks", "draw_sheet"]
+__all__ = [
+    "FAMILIES",
+    "Forgery",
+    "face_mask",
+    "self_blend",
+    "colour_swap",
+    "gan_upsample",
+    "double_jpeg",
+    "denoise_renoise",
+    "spectral_peaks",
+    "draw_sheet",
+]
 
 Forgery = Callable[..., tuple[np.ndarray, np.ndarray]]
 
@@ -30,8 +39,9 @@ Forgery = Callable[..., tuple[np.ndarray, np.ndarray]]
 def _check(face: np.ndarray) -> np.ndarray:
     if not isinstance(face, np.ndarray) or face.ndim != 3 or face.shape[2] != 3 or face.dtype != np.uint8:
         got = getattr(face, "shape", type(face).__name__), getattr(face, "dtype", "")
-        raise ValueError(f"face must be an (H, W, 3) uint8 RGB array, got {got}; "
-                         "use peft_masm.data.io.to_rgb_uint8 first")
+        raise ValueError(
+            f"face must be an (H, W, 3) uint8 RGB array, got {got}; use peft_masm.data.io.to_rgb_uint8 first"
+        )
     if min(face.shape[:2]) < 16:
         raise ValueError(f"face of {face.shape[:2]} is too small to forge (need at least 16x16)")
     return face
@@ -131,7 +141,9 @@ def gan_upsample(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray |
 
 
 def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
@@ -210,27 +222,9 @@ def draw_sheet(faces: list[np.ndarray], out: str, seed: int = 0, size: int = 160
     sheet = np.concatenate(rows, 0)
     header = np.full((24, sheet.shape[1], 3), 255, np.uint8)
     for j, name in enumerate(["real", *FAMILIES]):
-        cv2.putText(header, name, (j * size + 4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            header, name, (j * size + 4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
+        )
     sheet = np.concatenate([header, sheet], 0)
     cv2.imwrite(out, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m peft_masm.data.forgeries")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sh = sub.add_parser("sheet", help="draw real faces beside each family's fake, mask and difference")
-    sh.add_argument("--out", default="forgery_sheet.png")
-    sh.add_argument("--seed", type=int, default=0)
-    sh.add_argument("--faces", type=int, default=3, help="number of real faces (from the corpus)")
-    args = parser.parse_args(argv)
-    from .corpus import build_real_face_corpus
-
-    corpus = build_real_face_corpus()
-    picks = np.random.default_rng(args.seed).choice(len(corpus), size=min(args.faces, len(corpus)), replace=False)
-    faces = [np.asarray(corpus[int(i)]["image"].convert("RGB")) for i in picks]
-    print(draw_sheet(faces, args.out, seed=args.seed))
-
-
-if __name__ == "__main__":
-    main()

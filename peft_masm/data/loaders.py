@@ -25,8 +25,14 @@ from .io import DataError, LoadReport, check_on_error, read_image
 from .video import evenly_spaced_indices, read_video_frame, video_frame_count
 
 __all__ = [
-    "IMAGE_EXTS", "VIDEO_EXTS", "DecodeRows", "load_folder", "load_deepfakebench", "load_manifest",
-    "load_videos", "natural_key",
+    "IMAGE_EXTS",
+    "VIDEO_EXTS",
+    "DecodeRows",
+    "load_folder",
+    "load_deepfakebench",
+    "load_manifest",
+    "load_videos",
+    "natural_key",
 ]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -79,8 +85,9 @@ def _row(path: str, label: int, video_id: str, frame: int = -1, **extra: Any) ->
     return row
 
 
-def _expand_video(path: str, label: int, video_id: str, num_frames: int, on_error: str,
-                  report: LoadReport, **extra: Any) -> list[dict[str, Any]]:
+def _expand_video(
+    path: str, label: int, video_id: str, num_frames: int, on_error: str, report: LoadReport, **extra: Any
+) -> list[dict[str, Any]]:
     try:
         total = video_frame_count(path)
     except DataError as exc:
@@ -91,8 +98,14 @@ def _expand_video(path: str, label: int, video_id: str, num_frames: int, on_erro
     return [_row(path, label, video_id, i, **extra) for i in evenly_spaced_indices(total, num_frames)]
 
 
-def _finish(rows: list[dict[str, Any]], on_error: str, report: LoadReport | None, streaming: bool,
-            what: str, validate: bool | None = None) -> datasets.Dataset | datasets.IterableDataset:
+def _finish(
+    rows: list[dict[str, Any]],
+    on_error: str,
+    report: LoadReport | None,
+    streaming: bool,
+    what: str,
+    validate: bool | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
     """Check files exist (and, when skipping, that images decode), then build the lazy dataset."""
     report = report if report is not None else LoadReport()
     validate = (on_error == "skip" and not streaming) if validate is None else validate
@@ -124,13 +137,21 @@ def _finish(rows: list[dict[str, Any]], on_error: str, report: LoadReport | None
 def _class_dirs(root: Path) -> list[tuple[Path, int]]:
     found = [(root / name, lab) for name, lab in (("real", 0), ("fake", 1)) if (root / name).is_dir()]
     if not found:
-        raise DataError(f"{root}: expected sub-folders 'real/' and/or 'fake/' (optionally under a split "
-                        "folder such as train/real); none found")
+        raise DataError(
+            f"{root}: expected sub-folders 'real/' and/or 'fake/' (optionally under a split "
+            "folder such as train/real); none found"
+        )
     return found
 
 
-def load_folder(root: str | os.PathLike, split: str | None = None, num_frames: int = 8,
-                on_error: str = "raise", report: LoadReport | None = None, streaming: bool = False):
+def load_folder(
+    root: str | os.PathLike,
+    split: str | None = None,
+    num_frames: int = 8,
+    on_error: str = "raise",
+    report: LoadReport | None = None,
+    streaming: bool = False,
+):
     """Images and videos under ``root/real`` and ``root/fake`` (or ``root/<split>/{real,fake}``).
 
     ``video_id`` is the sub-folder below the class folder (frames of one video) or the file stem.
@@ -176,8 +197,10 @@ def _read_label_dict(label_dict: Mapping[str, int] | str | os.PathLike | None) -
 def _map_label(name: Any, labels: dict[str, int], where: str) -> int:
     key = str(name)
     if key not in labels:
-        raise DataError(f"{where}: label {key!r} is not in the label dictionary {sorted(labels)}; "
-                        "add it to label_dict (0 real, 1 fake)")
+        raise DataError(
+            f"{where}: label {key!r} is not in the label dictionary {sorted(labels)}; "
+            "add it to label_dict (0 real, 1 fake)"
+        )
     value = labels[key]
     if value not in (0, 1):
         raise DataError(f"{where}: label {key!r} maps to {value}; only 0 (real) and 1 (fake) are allowed")
@@ -196,16 +219,25 @@ def _videos_in(node: Any, split: str, compression: str | None, where: str) -> Ma
             raise DataError(f"{where}/{split}: compression {comp!r} not present (have {sorted(node)})")
         node = node[comp]
     if not isinstance(node, Mapping):
-        raise DataError(f"{where}/{split}: expected a mapping of video name -> {{label, frames}}, "
-                        f"found {type(node).__name__}")
+        raise DataError(
+            f"{where}/{split}: expected a mapping of video name -> {{label, frames}}, "
+            f"found {type(node).__name__}"
+        )
     return node
 
 
-def load_deepfakebench(json_path: str | os.PathLike, label_dict: Mapping[str, int] | str | None = None,
-                       split: str = "test", compression: str | None = "c23",
-                       data_root: str | os.PathLike | None = None, frames_per_video: int | None = None,
-                       dataset_name: str | None = None, on_error: str = "raise",
-                       report: LoadReport | None = None, streaming: bool = False):
+def load_deepfakebench(
+    json_path: str | os.PathLike,
+    label_dict: Mapping[str, int] | str | None = None,
+    split: str = "test",
+    compression: str | None = "c23",
+    data_root: str | os.PathLike | None = None,
+    frames_per_video: int | None = None,
+    dataset_name: str | None = None,
+    on_error: str = "raise",
+    report: LoadReport | None = None,
+    streaming: bool = False,
+):
     """A DeepfakeBench dataset JSON: dataset -> label name -> split -> [compression] -> video -> entry.
 
     ``label_dict`` maps label names (e.g. ``FF-real``, ``FF-DF``) to 0/1 (a dict, or a JSON/YAML file,
@@ -234,7 +266,9 @@ def load_deepfakebench(json_path: str | os.PathLike, label_dict: Mapping[str, in
     root = Path(data_root) if data_root is not None else jp.parent
     by_label = data[dataset_name]
     if not isinstance(by_label, Mapping):
-        raise DataError(f"{jp}: {dataset_name!r} must map label names to splits, found {type(by_label).__name__}")
+        raise DataError(
+            f"{jp}: {dataset_name!r} must map label names to splits, found {type(by_label).__name__}"
+        )
     rows: list[dict[str, Any]] = []
     for label_name, node in by_label.items():
         where = f"{jp}: {dataset_name}/{label_name}"
@@ -248,18 +282,31 @@ def load_deepfakebench(json_path: str | os.PathLike, label_dict: Mapping[str, in
         for video, entry in _videos_in(node, split, compression, where).items():
             vwhere = f"{where}/{split}/{video}"
             if not isinstance(entry, Mapping) or "frames" not in entry:
-                raise DataError(f"{jp}: {vwhere}: expected {{'label': ..., 'frames': [...]}}, "
-                                f"found {type(entry).__name__} (wrong nesting?)")
-            lab = _map_label(entry.get("label", label_name), labels, f"{jp}: {vwhere}") \
-                if "label" in entry else label_name_value
+                raise DataError(
+                    f"{jp}: {vwhere}: expected {{'label': ..., 'frames': [...]}}, "
+                    f"found {type(entry).__name__} (wrong nesting?)"
+                )
+            lab = (
+                _map_label(entry.get("label", label_name), labels, f"{jp}: {vwhere}")
+                if "label" in entry
+                else label_name_value
+            )
             frames = sorted((str(f) for f in entry["frames"]), key=natural_key)
             if frames_per_video:
                 frames = [frames[i] for i in evenly_spaced_indices(len(frames), frames_per_video)]
             for f in frames:
                 path = f if os.path.isabs(f) else str(root / f)
                 if Path(path).suffix.lower() in VIDEO_EXTS:
-                    rows += _expand_video(path, lab, str(video), frames_per_video or 8, on_error, report,
-                                          source=label_name, split=split)
+                    rows += _expand_video(
+                        path,
+                        lab,
+                        str(video),
+                        frames_per_video or 8,
+                        on_error,
+                        report,
+                        source=label_name,
+                        split=split,
+                    )
                 else:
                     rows.append(_row(path, lab, str(video), source=label_name, split=split))
     return _finish(rows, on_error, report, streaming, str(jp))
@@ -278,16 +325,24 @@ def _manifest_records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-                raise DataError(f"{path}: a manifest needs the columns 'path' and 'label' "
-                                f"(optional video_id, source, split); found {reader.fieldnames}")
+                raise DataError(
+                    f"{path}: a manifest needs the columns 'path' and 'label' "
+                    f"(optional video_id, source, split); found {reader.fieldnames}"
+                )
             for n, rec in enumerate(reader, 2):
                 yield n, rec
 
 
-def load_manifest(path: str | os.PathLike, split: str | None = None,
-                  label_dict: Mapping[str, int] | str | None = None, base_dir: str | os.PathLike | None = None,
-                  num_frames: int = 8, on_error: str = "raise", report: LoadReport | None = None,
-                  streaming: bool = False):
+def load_manifest(
+    path: str | os.PathLike,
+    split: str | None = None,
+    label_dict: Mapping[str, int] | str | None = None,
+    base_dir: str | os.PathLike | None = None,
+    num_frames: int = 8,
+    on_error: str = "raise",
+    report: LoadReport | None = None,
+    streaming: bool = False,
+):
     """A CSV or JSONL manifest with ``path``, ``label`` (0/1 or a name) and optional ``video_id``,
     ``source``, ``split``. Relative paths resolve against ``base_dir`` (default: the manifest's folder).
     """
@@ -323,15 +378,22 @@ def load_manifest(path: str | os.PathLike, split: str | None = None,
     return _finish(rows, on_error, report, streaming, str(mp))
 
 
-def load_videos(videos: Iterable[tuple[str | os.PathLike, int]] | str | os.PathLike, num_frames: int = 8,
-                on_error: str = "raise", report: LoadReport | None = None, streaming: bool = False):
+def load_videos(
+    videos: Iterable[tuple[str | os.PathLike, int]] | str | os.PathLike,
+    num_frames: int = 8,
+    on_error: str = "raise",
+    report: LoadReport | None = None,
+    streaming: bool = False,
+):
     """Video files -> ``num_frames`` evenly spaced frames each (over the whole video).
 
     ``videos`` is a list of ``(path, label)`` pairs or a folder with ``real/`` and ``fake/``.
     """
     check_on_error(on_error)
     if isinstance(videos, (str, os.PathLike)):
-        return load_folder(videos, num_frames=num_frames, on_error=on_error, report=report, streaming=streaming)
+        return load_folder(
+            videos, num_frames=num_frames, on_error=on_error, report=report, streaming=streaming
+        )
     report = report if report is not None else LoadReport()
     rows: list[dict[str, Any]] = []
     for p, lab in videos:

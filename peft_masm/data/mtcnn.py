@@ -126,15 +126,20 @@ def _crops(img: np.ndarray, boxes: np.ndarray, size: int) -> torch.Tensor:
         x1, y1 = max(x1, 1), max(y1, 1)
         x2, y2 = min(x2, w), min(y2, h)
         if x2 >= x1 and y2 >= y1:
-            out[i] = cv2.resize(img[y1 - 1:y2, x1 - 1:x2], (size, size), interpolation=cv2.INTER_AREA)
+            out[i] = cv2.resize(img[y1 - 1 : y2, x1 - 1 : x2], (size, size), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 class MTCNN:
     """Face boxes + 5 landmarks (eyes, nose, mouth corners) with the classic three-stage cascade."""
 
-    def __init__(self, weights_dir: str | os.PathLike, min_face_size: int = 20,
-                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), factor: float = 0.709):
+    def __init__(
+        self,
+        weights_dir: str | os.PathLike,
+        min_face_size: int = 20,
+        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        factor: float = 0.709,
+    ):
         d = Path(weights_dir)
         self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         for net, name in ((self.pnet, "pnet.pt"), (self.rnet, "rnet.pt"), (self.onet, "onet.pt")):
@@ -165,7 +170,9 @@ class MTCNN:
         cands = []
         for s in scales:
             hs, ws = int(h * s + 1), int(w * s + 1)
-            x = torch.from_numpy(cv2.resize(norm, (ws, hs), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[None]
+            x = torch.from_numpy(cv2.resize(norm, (ws, hs), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)[
+                None
+            ]
             reg, prob = self.pnet(x)
             p = prob[0, 1].numpy()
             ys, xs = np.nonzero(p >= self.thresholds[0])
@@ -181,8 +188,16 @@ class MTCNN:
         b = np.concatenate(cands)
         b = b[_nms(b[:, :4], b[:, 4], 0.7)]
         bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-        boxes = np.stack([b[:, 0] + b[:, 5] * bw, b[:, 1] + b[:, 6] * bh,
-                          b[:, 2] + b[:, 7] * bw, b[:, 3] + b[:, 8] * bh, b[:, 4]], 1)
+        boxes = np.stack(
+            [
+                b[:, 0] + b[:, 5] * bw,
+                b[:, 1] + b[:, 6] * bh,
+                b[:, 2] + b[:, 7] * bw,
+                b[:, 3] + b[:, 8] * bh,
+                b[:, 4],
+            ],
+            1,
+        )
         boxes = _square(boxes)
         # stage 2
         reg, prob = self.rnet(_crops(norm, boxes, 24))

@@ -7,12 +7,13 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from PIL import Image
 
 from .io import LoadReport, to_rgb_uint8
 from .loaders import DecodeRows
 
-__all__ = ["ProcessRows", "with_image_processor"]
+__all__ = ["ProcessRows", "collate", "with_image_processor"]
 
 
 class ProcessRows:
@@ -22,8 +23,14 @@ class ProcessRows:
     mark ``face_found=False``). Missing faces are counted in ``report.faces_missing``.
     """
 
-    def __init__(self, processor: Any, face_cropper: Any = None, on_missing_face: str = "full_frame",
-                 report: LoadReport | None = None, drop_rows: bool = False):
+    def __init__(
+        self,
+        processor: Any,
+        face_cropper: Any = None,
+        on_missing_face: str = "full_frame",
+        report: LoadReport | None = None,
+        drop_rows: bool = False,
+    ):
         if on_missing_face not in ("full_frame", "skip"):
             raise ValueError(f"on_missing_face must be 'full_frame' or 'skip', got {on_missing_face!r}")
         self.processor = processor
@@ -71,9 +78,13 @@ class ProcessRows:
         return out
 
 
-def with_image_processor(ds: datasets.Dataset | datasets.IterableDataset, processor: Any,
-                         face_cropper: Any = None, on_missing_face: str = "full_frame",
-                         report: LoadReport | None = None):
+def with_image_processor(
+    ds: datasets.Dataset | datasets.IterableDataset,
+    processor: Any,
+    face_cropper: Any = None,
+    on_missing_face: str = "full_frame",
+    report: LoadReport | None = None,
+):
     """Return ``ds`` yielding ``pixel_values`` and ``labels`` made by ``processor``.
 
     ``processor`` is an image processor or a model directory / alias / Hub id, loaded with
@@ -91,3 +102,12 @@ def with_image_processor(ds: datasets.Dataset | datasets.IterableDataset, proces
         return ds.map(fn, batched=True, batch_size=16)
     fn = ProcessRows(processor, face_cropper, on_missing_face, report, drop_rows=False)
     return ds.with_transform(fn)
+
+
+def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack ``pixel_values`` and ``labels``; keep ``video_id`` as a list of strings."""
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]),
+        "labels": torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long),
+        "video_id": [str(r.get("video_id", i)) for i, r in enumerate(rows)],
+    }

@@ -52,8 +52,9 @@ def video_frame_count(path: str | os.PathLike) -> int:
     return n
 
 
-def read_video_frames(path: str | os.PathLike, num_frames: int | None = None,
-                      indices: list[int] | None = None) -> list[tuple[int, np.ndarray]]:
+def read_video_frames(
+    path: str | os.PathLike, num_frames: int | None = None, indices: list[int] | None = None
+) -> list[tuple[int, np.ndarray]]:
     """Decode evenly spaced frames (or the given ``indices``) as ``(index, RGB uint8)`` pairs.
 
     Frames are read sequentially (grab/retrieve), which is exact for every codec, unlike seeking.

@@ -21,7 +21,9 @@ def _check_options(threshold: float, n_bootstrap: int) -> None:
         raise ValueError(f"n_bootstrap must be >= 0 (0 disables the intervals), got {n_bootstrap}.")
 
 
-def _add_level(out: dict[str, Any], level: str, point: dict[str, float], boot: BootstrapResult | None) -> None:
+def _add_level(
+    out: dict[str, Any], level: str, point: dict[str, float], boot: BootstrapResult | None
+) -> None:
     for name in METRIC_NAMES:
         out[f"{level}_{name}"] = point[name]
         if boot is not None:
@@ -56,13 +58,19 @@ def compute_detection_metrics(
     """
     y, s = validate_inputs(labels, scores)
     _check_options(threshold, n_bootstrap)
-    out: dict[str, Any] = {"threshold": float(threshold), "n_frames": int(y.size), "n_fake_frames": int(y.sum())}
+    out: dict[str, Any] = {
+        "threshold": float(threshold),
+        "n_frames": int(y.size),
+        "n_fake_frames": int(y.sum()),
+    }
     frame_point = point_metrics(y, s, threshold)
     used: dict[str, int] = {}
     if video_ids is None:
         boot = None
         if n_bootstrap:
-            boot = percentile_bootstrap(sample_statistic(y, s, threshold), y.size, n_bootstrap, np.random.default_rng(seed))
+            boot = percentile_bootstrap(
+                sample_statistic(y, s, threshold), y.size, n_bootstrap, np.random.default_rng(seed)
+            )
             used["frame"] = boot.n_used
         _add_level(out, "frame", frame_point, boot)
         unit = "frame"

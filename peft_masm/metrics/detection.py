@@ -14,18 +14,24 @@ import numpy as np
 METRIC_NAMES: tuple[str, ...] = ("auc", "eer", "ap", "acc")
 
 
-def validate_inputs(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def validate_inputs(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(labels, scores)`` as 1-D int/float arrays, or raise a ValueError that names the fix."""
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
     if y.ndim != 1 or s.ndim != 1:
-        raise ValueError(f"labels and scores must be 1-D; got shapes {y.shape} and {s.shape}. Flatten them first.")
+        raise ValueError(
+            f"labels and scores must be 1-D; got shapes {y.shape} and {s.shape}. Flatten them first."
+        )
     if y.shape[0] != s.shape[0]:
         raise ValueError(
             f"labels and scores differ in length ({y.shape[0]} vs {s.shape[0]}); pass one score per labelled frame."
         )
     if y.shape[0] == 0:
-        raise ValueError("labels and scores are empty; evaluate at least one real (0) and one fake (1) sample.")
+        raise ValueError(
+            "labels and scores are empty; evaluate at least one real (0) and one fake (1) sample."
+        )
     if not np.all(np.isfinite(s)):
         bad = int(np.count_nonzero(~np.isfinite(s)))
         raise ValueError(f"scores contain {bad} NaN/inf value(s); check the model output before evaluating.")
@@ -33,7 +39,9 @@ def validate_inputs(labels: Sequence[int] | np.ndarray, scores: Sequence[float] 
         y = y.astype(np.int64)
     values = set(np.unique(y).tolist())
     if not values <= {0, 1}:
-        raise ValueError(f"labels must be 0 (real) or 1 (fake); got values {sorted(values)}. Map them to 0/1.")
+        raise ValueError(
+            f"labels must be 0 (real) or 1 (fake); got values {sorted(values)}. Map them to 0/1."
+        )
     if len(values) < 2:
         only = "real (0)" if values == {0} else "fake (1)"
         raise ValueError(
@@ -90,7 +98,12 @@ def point_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
     fps, tps, _ = binary_clf_curve(labels, scores)
     fpr, tpr = roc_from_counts(fps, tps)
     acc = float(np.mean((scores >= threshold).astype(np.int64) == labels))
-    return {"auc": auc_from_roc(fpr, tpr), "eer": eer_from_roc(fpr, tpr), "ap": ap_from_counts(fps, tps), "acc": acc}
+    return {
+        "auc": auc_from_roc(fpr, tpr),
+        "eer": eer_from_roc(fpr, tpr),
+        "ap": ap_from_counts(fps, tps),
+        "acc": acc,
+    }
 
 
 def group_by_video(

@@ -13,7 +13,14 @@ import numpy as np
 from .detection import binary_clf_curve, roc_from_counts, validate_inputs
 
 TABLE_COLUMNS: tuple[str, ...] = (
-    "frame_auc", "frame_eer", "frame_ap", "frame_acc", "video_auc", "video_eer", "video_ap", "video_acc",
+    "frame_auc",
+    "frame_eer",
+    "frame_ap",
+    "frame_acc",
+    "video_auc",
+    "video_eer",
+    "video_ap",
+    "video_acc",
 )
 
 

@@ -22,11 +22,24 @@ def save_tiny_clip(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers:
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        vision_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 64, "max_position_embeddings": 16},
-        projection_dim=16, num_labels=2,
+        vision_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 16,
+        },
+        projection_dim=16,
+        num_labels=2,
     )
     out = Path(out_dir)
     CLIPForImageClassification(config).save_pretrained(out)
@@ -37,11 +50,15 @@ def save_tiny_clip(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers:
 def _image(rng: np.random.Generator, fake: bool, size: int = 32) -> Image.Image:
     """Smooth colour gradients; fakes carry a faint checkerboard (a learnable 'artifact')."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    base = np.stack([rng.uniform(40, 200) + rng.uniform(-40, 40) * xx + rng.uniform(-40, 40) * yy
-                     for _ in range(3)], axis=-1)
+    base = np.stack(
+        [rng.uniform(40, 200) + rng.uniform(-40, 40) * xx + rng.uniform(-40, 40) * yy for _ in range(3)],
+        axis=-1,
+    )
     base += rng.normal(0, 4, base.shape)
     if fake:
-        base += 30.0 * (((np.arange(size)[:, None] // 2 + np.arange(size)[None, :] // 2) % 2) - 0.5)[..., None]
+        base += (
+            30.0 * (((np.arange(size)[:, None] // 2 + np.arange(size)[None, :] // 2) % 2) - 0.5)[..., None]
+        )
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
@@ -59,16 +76,25 @@ def make_image_folder(root: str | Path, per_class: dict[str, int] | None = None,
     return root
 
 
-def write_config(path: str | Path, backbone: str | Path, data_root: str | Path, output_dir: str | Path,
-                 **overrides: object) -> Path:
+def write_config(
+    path: str | Path, backbone: str | Path, data_root: str | Path, output_dir: str | Path, **overrides: object
+) -> Path:
     """A tiny folder-data recipe config (MASM on the tiny CLIP), YAML."""
     import yaml
 
     cfg = {
         "backbone": str(backbone),
         "method": "masm",
-        "masm": {"num_subspaces": 2, "subspace_rank": 1, "layer_mask": "dynamic", "mask_warmup": 1,
-                 "mask_interval": 2, "mask_keep_ratio": 0.5, "orthogonality_weight": 0.01, "spectral_weight": 0.01},
+        "masm": {
+            "num_subspaces": 2,
+            "subspace_rank": 1,
+            "layer_mask": "dynamic",
+            "mask_warmup": 1,
+            "mask_interval": 2,
+            "mask_keep_ratio": 0.5,
+            "orthogonality_weight": 0.01,
+            "spectral_weight": 0.01,
+        },
         "data": "folder",
         "train_path": str(data_root),
         "train_split": "train",
@@ -92,7 +118,14 @@ def write_config(path: str | Path, backbone: str | Path, data_root: str | Path, 
 def env(**extra: str) -> dict[str, str]:
     """Subprocess environment: offline Hub, no progress-bar noise, one thread per process."""
     e = dict(os.environ)
-    e.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
-              "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)})
+    e.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     e.update(extra)
     return e

@@ -51,8 +51,13 @@ def test_train_evaluate_detect(assets, tmp_path):
     result = _train(cfg)
     assert "adapter (best on validation, with model card)" in result.stdout
     adapter = out / "adapter"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "training_config.yaml",
-                 "preprocessor_config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "training_config.yaml",
+        "preprocessor_config.json",
+    ):
         assert (adapter / name).is_file(), name
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(clip)
     # the model card train.py wrote parses, with metadata and the test results
@@ -73,16 +78,39 @@ def test_train_evaluate_detect(assets, tmp_path):
     assert ckpts == ["step_12", "step_6"]
     assert not list((out / "checkpoints").rglob("model*.safetensors"))
 
-    ev = _run([PYTHON, str(RECIPES / "evaluate.py"), "--adapter", str(adapter), "--test",
-               f"mine=folder:{data}", "--n_bootstrap", "20", "--output_dir", str(tmp_path / "eval")])
+    ev = _run(
+        [
+            PYTHON,
+            str(RECIPES / "evaluate_detector.py"),
+            "--adapter",
+            str(adapter),
+            "--test",
+            f"mine=folder:{data}",
+            "--n_bootstrap",
+            "20",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert evaluated["mine"]["n_frames"] == 16
     # same adapter, same images: the same AUC as train.py's own test evaluation
     assert evaluated["mine"]["frame_auc"] == pytest.approx(results["tiny-test"]["frame_auc"], abs=1e-6)
 
-    det = _run([PYTHON, "-m", "peft_masm.cli", "--adapter", str(adapter), "--json", "--face-detector", "none",
-                str(data / "test" / "fake")])
+    det = _run(
+        [
+            PYTHON,
+            "-m",
+            "peft_masm.cli",
+            "--adapter",
+            str(adapter),
+            "--json",
+            "--face-detector",
+            "none",
+            str(data / "test" / "fake"),
+        ]
+    )
     assert det.returncode == 0, det.stderr[-3000:]
     scores = json.loads(det.stdout)
     assert len(scores) == 8 and all(0 <= s["fake_probability"] <= 1 for s in scores)
@@ -162,9 +190,21 @@ def test_push_to_hub_uploads_adapter_card_and_config_without_printing_the_token(
         environment = env()
         environment.update(hub_env(endpoint=hub.endpoint, cache_dir=tmp_path / "cache", offline=False))
         environment.update(HF_TOKEN=secret, PYTHONPATH=str(RECIPES.parent))
-        result = subprocess.run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg), "--push_to_hub",
-                                 "--hub_model_id", "test-org/tiny-masm"], capture_output=True, text=True,
-                                timeout=300, env=environment)
+        result = subprocess.run(
+            [
+                PYTHON,
+                str(RECIPES / "train.py"),
+                "--config",
+                str(cfg),
+                "--push_to_hub",
+                "--hub_model_id",
+                "test-org/tiny-masm",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         files = sorted(hub.repos["test-org/tiny-masm"].files)
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_config.yaml"]
@@ -174,20 +214,28 @@ def test_push_to_hub_uploads_adapter_card_and_config_without_printing_the_token(
 
 def test_push_without_token_fails_before_training(assets, tmp_path):
     clip, data = assets
-    cfg = write_config(tmp_path / "cfg.yaml", clip, data, tmp_path / "out", push_to_hub=True,
-                       hub_model_id="test-org/x")
+    cfg = write_config(
+        tmp_path / "cfg.yaml", clip, data, tmp_path / "out", push_to_hub=True, hub_model_id="test-org/x"
+    )
     environment = env(HF_HOME=str(tmp_path / "hf-home"))
     environment.pop("HF_TOKEN", None)
-    result = subprocess.run([PYTHON, str(RECIPES / "train.py"), "--config", str(cfg)], capture_output=True,
-                            text=True, timeout=180, env=environment)
+    result = subprocess.run(
+        [PYTHON, str(RECIPES / "train.py"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=environment,
+    )
     assert result.returncode == 2 and "no Hugging Face token" in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
     "extra",
-    [["--masm.layer_mask", "static", "--mask_calibration_batches", "2"], ["--method", "lora", "--lora.r", "2",
-                                                                          "--lora.target_modules", "[q_proj, v_proj]"]],
+    [
+        ["--masm.layer_mask", "static", "--mask_calibration_batches", "2"],
+        ["--method", "lora", "--lora.r", "2", "--lora.target_modules", "[q_proj, v_proj]"],
+    ],
     ids=["masm-static-mask", "lora-baseline"],
 )
 def test_static_mask_and_lora_baseline_train(assets, tmp_path, extra):

@@ -11,14 +11,27 @@ import peft_masm
 from peft_masm import MASMConfig, calibrate_layer_mask, plot_mask_history
 
 SCRIPT = Path(__file__).with_name("train_script.py")
-SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8)
+SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    image_size=32,
+    patch_size=8,
+)
 
 
 def tiny_model(**config_kwargs):
     torch.manual_seed(0)
     base = ViTForImageClassification(ViTConfig(**SIZES, num_labels=2))
-    kwargs = dict(num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"], mask_warmup=1, mask_interval=2,
-                  layer_mask="dynamic")
+    kwargs = dict(
+        num_subspaces=2,
+        subspace_rank=2,
+        modules_to_save=["classifier"],
+        mask_warmup=1,
+        mask_interval=2,
+        layer_mask="dynamic",
+    )
     kwargs.update(config_kwargs)
     model = get_peft_model(base, MASMConfig(**kwargs))
     model.base_model.decompose()
@@ -27,14 +40,18 @@ def tiny_model(**config_kwargs):
 
 def batches(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)
+    ]
 
 
-def train(model, steps, optimizer=None, seed=0, first_step=1):
-    optimizer = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    for step, (x, y) in enumerate(batches(steps, seed), start=first_step):
+def train(model, steps, optimizer=None, seed=0):
+    optimizer = optimizer or torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
+    for x, y in batches(steps, seed):
         model(pixel_values=x, labels=y).loss.backward()
-        model.base_model.update_layer_mask(step)
+        model.base_model.update_layer_mask()
         optimizer.step()
         optimizer.zero_grad()
     return optimizer
@@ -51,14 +68,21 @@ def test_masked_layers_do_not_move_and_keep_their_optimizer_state():
     keep = controller.current_keep()
     assert sum(keep) == len(keep) // 2
     before = {n: p.detach().clone() for n, p in masm_params(model).items()}
-    opt_before = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in masm_params(model).items() if p in optimizer.state}
+    opt_before = {
+        n: {k: v.clone() for k, v in optimizer.state[p].items()}
+        for n, p in masm_params(model).items()
+        if p in optimizer.state
+    }
     # PEFT resets requires_grad in both of these; the mask must survive them
     with model.disable_adapter():
         pass
     model.set_adapter("default")
-    train(model, 3, optimizer, seed=1, first_step=4)
+    train(model, 3, optimizer, seed=1)
     masked_names = {
-        n for unit, k in zip(controller.units, keep) if not k for n in masm_params(model)
+        n
+        for unit, k in zip(controller.units, keep)
+        if not k
+        for n in masm_params(model)
         if n.removeprefix("base_model.model.").startswith(unit.name + ".")
     }
     assert masked_names
@@ -124,10 +148,10 @@ def test_static_calibration():
 def test_bad_input():
     model = tiny_model()
     with pytest.raises(RuntimeError, match="found no gradient.*call it after loss.backward"):
-        model.base_model.update_layer_mask(1)
+        model.base_model.update_layer_mask()
     static = tiny_model(layer_mask="static")
     with pytest.raises(RuntimeError, match="needs a calibration first"):
-        static.base_model.update_layer_mask(1)
+        static.base_model.update_layer_mask()
     with pytest.raises(ValueError, match="empty data loader"):
         calibrate_layer_mask(static, [], lambda m, b: None, num_batches=2)
     with pytest.raises(ValueError, match="mask_keep_ratio must be in"):
@@ -153,10 +177,18 @@ def test_trainer_integration(tmp_path):
 
     model = tiny_model(mask_keep_ratio=0.5, orthogonality_weight=0.1, spectral_weight=0.1)
     x, y = batches(1)[0]
-    data = Dataset.from_dict({"pixel_values": x.repeat(4, 1, 1, 1).numpy(), "labels": y.repeat(4).numpy()}).with_format("torch")
+    data = Dataset.from_dict(
+        {"pixel_values": x.repeat(4, 1, 1, 1).numpy(), "labels": y.repeat(4).numpy()}
+    ).with_format("torch")
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=5, report_to=[], use_cpu=True,
-        save_strategy="no", logging_strategy="no", learning_rate=1e-2,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=5,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        learning_rate=1e-2,
     )
     trainer = peft_masm.MASMTrainer(model=model, args=args, train_dataset=data)
     assert any(isinstance(cb, peft_masm.MASMTrainerCallback) for cb in trainer.callback_handler.callbacks)
@@ -169,7 +201,17 @@ def _launch(tmp_path: Path, processes: int, *args: str) -> None:
     # Accelerator(cpu=True) in the script gives the same gloo process group without it.
     mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
     command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes)]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(tmp_path), *args]
+    command += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(SCRIPT),
+        str(tmp_path),
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 

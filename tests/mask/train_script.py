@@ -28,11 +28,26 @@ out = Path(args.out)
 
 accelerator = Accelerator(gradient_accumulation_steps=args.accumulation, cpu=True)
 set_seed(0)
-sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8)
+sizes = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    image_size=32,
+    patch_size=8,
+)
 model = ViTForImageClassification(ViTConfig(**sizes, num_labels=2))
 config = peft_masm.MASMConfig(
-    num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"], mask_warmup=2, mask_interval=2,
-    mask_keep_ratio=0.5, mask_granularity=args.granularity, layer_mask="dynamic", orthogonality_weight=0.01, spectral_weight=0.01,
+    num_subspaces=2,
+    subspace_rank=2,
+    modules_to_save=["classifier"],
+    mask_warmup=2,
+    mask_interval=2,
+    mask_keep_ratio=0.5,
+    mask_granularity=args.granularity,
+    layer_mask="dynamic",
+    orthogonality_weight=0.01,
+    spectral_weight=0.01,
 )
 model = get_peft_model(model, config)
 model.base_model.decompose()  # once, before wrapping, identically on every process
@@ -61,7 +76,7 @@ for x, y in loader:
             loss = model(pixel_values=x, labels=y).loss + masm.regularization_loss()["total"]
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                masm.update_layer_mask(step + 1)
+                masm.update_layer_mask()
             optimizer.step()
             optimizer.zero_grad()
     if accelerator.sync_gradients:
@@ -73,7 +88,9 @@ for x, y in loader:
             accelerator.wait_for_everyone()
             sys.exit(0)
 
-state = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+state = {
+    n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad
+}
 state.update({n: b.clone() for n, b in accelerator.unwrap_model(model).named_buffers() if "masm_mask" in n})
 state["history"] = torch.tensor(controller.history_masks)
 state["history_steps"] = torch.tensor(controller.history_steps)

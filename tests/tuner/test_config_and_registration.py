@@ -7,7 +7,7 @@ from torch import nn
 
 import peft_masm
 from peft_masm import MASMConfig, MASMModel, default_target_modules
-from peft_masm.registration import register
+from peft_masm.tuner import register
 
 from .conftest import tiny_clip, tiny_dinov2, tiny_vit
 
@@ -75,7 +75,14 @@ def test_default_targets_are_the_attention_projections(factory, expected):
 def test_include_mlp_adds_the_mlp():
     targets = default_target_modules("clip_vision_model", include_mlp=True)
     model = get_peft_model(tiny_clip(), MASMConfig(num_subspaces=2, subspace_rank=2, target_modules=targets))
-    assert {n.rsplit(".", 1)[1] for n in _adapted(model)} == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    assert {n.rsplit(".", 1)[1] for n in _adapted(model)} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc1",
+        "fc2",
+    }
 
 
 def test_full_clip_keeps_its_text_tower_frozen():
@@ -84,8 +91,17 @@ def test_full_clip_keeps_its_text_tower_frozen():
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=99),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, image_size=32, patch_size=8),
+        text_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=99
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     model = get_peft_model(CLIPModel(config), MASMConfig(num_subspaces=2, subspace_rank=2))
@@ -99,7 +115,9 @@ def test_unknown_model_type_needs_explicit_targets():
 
 
 def test_rank_larger_than_layer_names_the_layer():
-    with pytest.raises(ValueError, match=r"self_attn\.[qkv]_proj: K\*k = 8\*4 = 32 must be smaller than the layer's rank 32"):
+    with pytest.raises(
+        ValueError, match=r"self_attn\.[qkv]_proj: K\*k = 8\*4 = 32 must be smaller than the layer's rank 32"
+    ):
         get_peft_model(tiny_clip(), MASMConfig(num_subspaces=8, subspace_rank=4))
 
 
@@ -109,14 +127,20 @@ def test_targets_matching_nothing():
 
 
 def test_non_linear_target_is_refused():
-    with pytest.raises(TypeError, match=r"patch_embedding' is a Conv2d; MASM adapts torch.nn.Linear layers only"):
+    with pytest.raises(
+        TypeError, match=r"patch_embedding' is a Conv2d; MASM adapts torch.nn.Linear layers only"
+    ):
         get_peft_model(tiny_clip(), MASMConfig(target_modules=["patch_embedding"]))
 
 
 def test_masm_model_is_the_tuner():
-    model = get_peft_model(tiny_vit(), MASMConfig(num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"]))
+    model = get_peft_model(
+        tiny_vit(), MASMConfig(num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"])
+    )
     assert isinstance(model.base_model, MASMModel)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(("masm_" in n) or ("classifier" in n) for n in trainable)
     assert any("classifier" in n for n in trainable)
-    assert not any(isinstance(m, nn.Linear) and m.weight.requires_grad for m in model.base_model.model.vit.modules())
+    assert not any(
+        isinstance(m, nn.Linear) and m.weight.requires_grad for m in model.base_model.model.vit.modules()
+    )

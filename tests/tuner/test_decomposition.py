@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from peft_masm.decomposition import (
+from peft_masm.tuner.decomposition import (
     fingerprint_deviation,
     minor_triplets,
     minor_triplets_many,
@@ -51,7 +51,9 @@ def test_minor_triplets_are_exact_to_float32_precision(case):
 
 def test_many_matches_one_by_one():
     weights = [CASES["tall"](), CASES["wide"](), CASES["tall"]() * 2]
-    for a, b in zip(minor_triplets_many(weights, [4, 5, 6]), [minor_triplets(w, k) for w, k in zip(weights, [4, 5, 6])]):
+    for a, b in zip(
+        minor_triplets_many(weights, [4, 5, 6]), [minor_triplets(w, k) for w, k in zip(weights, [4, 5, 6])]
+    ):
         torch.testing.assert_close(a.S, b.S)
         torch.testing.assert_close(a.U * a.S, b.U * b.S)
 

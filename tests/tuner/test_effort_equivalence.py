@@ -11,7 +11,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_masm import MASMConfig
-from peft_masm.layer import MASMLayer
+from peft_masm.tuner.layer import MASMLayer
 
 from .conftest import output_of, tiny_clip
 
@@ -44,7 +44,9 @@ def _effortify(model: nn.Module) -> None:
 def test_effort_configuration_equals_effort(pixels):
     effort = tiny_clip()
     _effortify(effort)
-    config = MASMConfig(num_subspaces=1, subspace_rank=1, layer_mask="none", orthogonality_weight=0, spectral_weight=0)
+    config = MASMConfig(
+        num_subspaces=1, subspace_rank=1, layer_mask="none", orthogonality_weight=0, spectral_weight=0
+    )
     masm = get_peft_model(tiny_clip(), config)
     torch.testing.assert_close(output_of(masm, pixels), output_of(effort, pixels), atol=1e-5, rtol=1e-4)
 
@@ -52,7 +54,9 @@ def test_effort_configuration_equals_effort(pixels):
     torch.manual_seed(3)
     effort_layers = [m for m in effort.modules() if isinstance(m, EffortLinear)]
     masm_layers = [m for m in masm.modules() if isinstance(m, MASMLayer)]
-    masm_by_name = {n.removeprefix("base_model.model."): m for n, m in masm.named_modules() if isinstance(m, MASMLayer)}
+    masm_by_name = {
+        n.removeprefix("base_model.model."): m for n, m in masm.named_modules() if isinstance(m, MASMLayer)
+    }
     effort_by_name = {n: m for n, m in effort.named_modules() if isinstance(m, EffortLinear)}
     assert len(effort_layers) == len(masm_layers) == 8
     with torch.no_grad():

@@ -4,7 +4,7 @@ from peft import PeftModel, get_peft_model
 
 import peft_masm
 from peft_masm import MASMConfig
-from peft_masm.layer import MASMLayer
+from peft_masm.tuner.layer import MASMLayer
 
 from .conftest import MODEL_FACTORIES, output_of, tiny_clip, tiny_vit
 
@@ -71,7 +71,10 @@ def test_half_precision_models(dtype, pixels):
     # the SVD ran in float64 on the half-precision weight: singular values match
     weight = layer.get_base_layer().weight.double()
     torch.testing.assert_close(
-        torch.sort(layer.masm_s0["default"].double()).values, torch.linalg.svdvals(weight)[-4:].flip(0), atol=1e-5, rtol=1e-4
+        torch.sort(layer.masm_s0["default"].double()).values,
+        torch.linalg.svdvals(weight)[-4:].flip(0),
+        atol=1e-5,
+        rtol=1e-4,
     )
 
 
@@ -95,7 +98,6 @@ def test_merge_unmerge_and_merge_and_unload(pixels):
 def test_safe_merge_refuses_nans():
     model = get_peft_model(tiny_vit(), _config(init_weights=False))
     layer = _layers(model)[0]
-    layer.ensure_decomposed("default")
     with torch.no_grad():
         layer.masm_s["default"][0].fill_(float("nan"))
     with pytest.raises(ValueError, match="NaNs detected"):
@@ -154,8 +156,8 @@ def test_no_svd_when_loading(tmp_path, pixels, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("loading ran an SVD")
 
-    monkeypatch.setattr("peft_masm.layer.minor_triplets", forbidden)
-    monkeypatch.setattr("peft_masm.model.minor_triplets_many", forbidden)
+    monkeypatch.setattr("peft_masm.tuner.decomposition.minor_triplets", forbidden)
+    monkeypatch.setattr("peft_masm.tuner.model.minor_triplets_many", forbidden)
     loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path)
     torch.testing.assert_close(output_of(loaded, pixels), trained)
     assert loaded.base_model.decompose() == 0
@@ -165,7 +167,9 @@ def test_adapter_from_another_base_model_is_refused(tmp_path):
     model = get_peft_model(tiny_vit(seed=0), _config())
     model.base_model.decompose()
     model.save_pretrained(tmp_path)
-    with pytest.raises(peft_masm.BaseModelMismatchError, match=r"layer 'vit\.layers\.0\.attention\.[qkvo]_proj'"):
+    with pytest.raises(
+        peft_masm.BaseModelMismatchError, match=r"layer 'vit\.layers\.0\.attention\.[qkvo]_proj'"
+    ):
         PeftModel.from_pretrained(tiny_vit(seed=1), tmp_path)
 
 

@@ -5,8 +5,8 @@ import torch
 from peft import get_peft_model
 
 from peft_masm import MASMConfig
-from peft_masm.layer import MASMLayer
-from peft_masm.regularizers import layer_terms
+from peft_masm.tuner.layer import MASMLayer
+from peft_masm.tuner.regularizers import layer_terms
 
 from .conftest import tiny_vit
 
@@ -18,16 +18,24 @@ def _dense_reference(W, U, s, V, U0, s0, V0, sigma_r, k, gamma):
     ss = [s[j * k : (j + 1) * k] for j in range(K)]
     eye = torch.eye(k, dtype=W.dtype)
     cross = sum(
-        (Us[i].T @ Us[j]).square().sum() + (Vs[i].T @ Vs[j]).square().sum() for i in range(K) for j in range(i + 1, K)
+        (Us[i].T @ Us[j]).square().sum() + (Vs[i].T @ Vs[j]).square().sum()
+        for i in range(K)
+        for j in range(i + 1, K)
     )
-    within = sum((Us[j].T @ Us[j] - eye).square().sum() + (Vs[j].T @ Vs[j] - eye).square().sum() for j in range(K))
+    within = sum(
+        (Us[j].T @ Us[j] - eye).square().sum() + (Vs[j].T @ Vs[j] - eye).square().sum() for j in range(K)
+    )
     WP = W - (U0 * s0) @ V0.T
     leakage = sum((WP.T @ Us[j]).square().sum() + (WP @ Vs[j]).square().sum() for j in range(K)) / sigma_r**2
     W_new = WP + (U * s) @ V.T  # = W + Delta
     drift = ((W_new.square().sum() - W.square().sum()) / W.square().sum()) ** 2
-    fit = sum(
-        torch.relu(torch.linalg.matrix_norm((Us[j] * ss[j]) @ Vs[j].T, ord=2) - gamma * sigma_r) ** 2 for j in range(K)
-    ) / sigma_r**2
+    fit = (
+        sum(
+            torch.relu(torch.linalg.matrix_norm((Us[j] * ss[j]) @ Vs[j].T, ord=2) - gamma * sigma_r) ** 2
+            for j in range(K)
+        )
+        / sigma_r**2
+    )
     return {"orthogonality": cross + within + leakage, "spectral": drift + fit}
 
 

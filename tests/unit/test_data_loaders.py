@@ -36,7 +36,10 @@ def write_video(path, n=30, size=(48, 64)):
 
 def test_natural_sort():
     assert sorted(["frame_10.png", "frame_9.png", "frame_100.png"], key=natural_key) == [
-        "frame_9.png", "frame_10.png", "frame_100.png"]
+        "frame_9.png",
+        "frame_10.png",
+        "frame_100.png",
+    ]
 
 
 def test_folder_images_and_videos(tmp_path):
@@ -71,9 +74,11 @@ def _dfb_tree(tmp_path, compression=True):
             p = _img(tmp_path / "frames" / label / video / f"frame_{k}.png", val + k)
             paths.append(str(p.relative_to(tmp_path)))
         frames[(label, video)] = paths
+
     def node(label, video):
         entry = {video: {"label": label, "frames": frames[(label, video)]}}
         return {"test": {"c23": entry, "c40": {}}} if compression else {"test": entry}
+
     data = {"FaceForensics++": {"FF-real": node("FF-real", "000"), "FF-DF": node("FF-DF", "000_003")}}
     jp = tmp_path / "FaceForensics++.json"
     jp.write_text(json.dumps(data))
@@ -124,7 +129,9 @@ def test_deepfakebench_wrong_nesting_names_file(tmp_path):
 def test_manifest_csv_and_jsonl(tmp_path):
     _img(tmp_path / "a.png")
     _img(tmp_path / "b.png")
-    (tmp_path / "m.csv").write_text("path,label,video_id,source,split\na.png,real,v1,s,train\nb.png,1,v2,s,test\n")
+    (tmp_path / "m.csv").write_text(
+        "path,label,video_id,source,split\na.png,real,v1,s,train\nb.png,1,v2,s,test\n"
+    )
     ds = load_manifest(tmp_path / "m.csv")
     assert ds["label"] == [0, 1] and ds["video_id"] == ["v1", "v2"]
     assert load_manifest(tmp_path / "m.csv", split="test")["path"][0].endswith("b.png")
@@ -154,7 +161,8 @@ def test_bad_images_raise_or_skip(tmp_path):
     assert len(ds) == 1 and report.skipped == 2 and report.loaded == 1
     lazy = load_folder(tmp_path)  # raise mode: lazy decode names the file
     idx = lazy.with_format(None)["path"].index(  # raw columns: no decoding
-        str(tmp_path / "fake/corrupt.png"))
+        str(tmp_path / "fake/corrupt.png")
+    )
     with pytest.raises(DataError, match="corrupt.png: cannot decode"):
         lazy[idx]
     report = LoadReport()
@@ -209,6 +217,11 @@ def test_missing_faces_are_counted_not_fatal(tmp_path):
     ds = with_image_processor(load_folder(tmp_path), proc, face_cropper=lambda img: None, report=report)
     rows = [ds[i] for i in range(len(ds))]
     assert [r["face_found"] for r in rows] == [False, False] and report.faces_missing == 2
-    stream = with_image_processor(load_folder(tmp_path, streaming=True), proc, face_cropper=lambda img: None,
-                                  on_missing_face="skip", report=LoadReport())
+    stream = with_image_processor(
+        load_folder(tmp_path, streaming=True),
+        proc,
+        face_cropper=lambda img: None,
+        on_missing_face="skip",
+        report=LoadReport(),
+    )
     assert list(stream) == []

@@ -13,7 +13,9 @@ from peft_masm.data.mtcnn import _nms
 def test_crop_face_box_and_alignment():
     img = np.zeros((200, 300, 3), np.uint8)
     img[50:150, 100:200] = 255
-    crop = crop_face(img, Face(np.array([100, 50, 200, 150], np.float32), 1.0), size=130, margin=1.3, align=False)
+    crop = crop_face(
+        img, Face(np.array([100, 50, 200, 150], np.float32), 1.0), size=130, margin=1.3, align=False
+    )
     assert crop.shape == (130, 130, 3)
     assert crop[65, 65].min() == 255 and crop[10, 65].max() < 255  # face box fills 1/1.3 of the crop
     lm = np.array([[130, 80], [170, 80], [150, 100], [135, 122], [165, 122]], np.float32)

@@ -17,7 +17,9 @@ def faces():
 
 
 def test_at_least_six_named_families():
-    assert {"sbi", "colour_swap", "gan_upsample", "double_jpeg", "denoise_renoise", "spectral_peaks"} <= set(FAMILIES)
+    assert {"sbi", "colour_swap", "gan_upsample", "double_jpeg", "denoise_renoise", "spectral_peaks"} <= set(
+        FAMILIES
+    )
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -56,8 +56,14 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def carded_adapter(adapter_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "carded"
     shutil.copytree(adapter_dir, out)
-    save_adapter_card(out, BASE, training_config=TRAINING, eval_results=_results(), datasets=["synthetic-faces"],
-                      repo_id="org/masm-adapter")
+    save_adapter_card(
+        out,
+        BASE,
+        training_config=TRAINING,
+        eval_results=_results(),
+        datasets=["synthetic-faces"],
+        repo_id="org/masm-adapter",
+    )
     (out / "optimizer.pt").write_bytes(b"not for upload")
     (out / "checkpoint-10").mkdir()
     (out / "checkpoint-10" / "adapter_model.safetensors").write_bytes(b"not for upload")
@@ -73,16 +79,27 @@ def test_card_metadata_parses(carded_adapter: Path) -> None:
     assert data.library_name == "peft"
     assert data.base_model == BASE
     assert data.pipeline_tag == "image-classification"
-    assert {"peft", "masm", "deepfake-detection", "image-classification", f"base_model:adapter:{BASE}"} <= set(data.tags)
+    assert {
+        "peft",
+        "masm",
+        "deepfake-detection",
+        "image-classification",
+        f"base_model:adapter:{BASE}",
+    } <= set(data.tags)
     assert data.datasets == ["synthetic-faces"]
     assert data.model_name == "tiny-vit-masm"
     results = {(r.dataset_name, r.metric_name): r for r in data.eval_results}
     expected = _results()
     auc = results[("held-out: double-jpeg", "Video AUC")]
-    assert auc.metric_type == "roc_auc" and auc.task_type == "image-classification" and auc.metric_config == "video"
+    assert (
+        auc.metric_type == "roc_auc"
+        and auc.task_type == "image-classification"
+        and auc.metric_config == "video"
+    )
     assert auc.metric_value == pytest.approx(expected["held-out: double-jpeg"]["video_auc"], abs=1e-6)
     assert results[("held-out identities", "Frame EER")].metric_value == pytest.approx(
-        expected["held-out identities"]["frame_eer"], abs=1e-6)
+        expected["held-out identities"]["frame_eer"], abs=1e-6
+    )
     assert ("held-out identities", "Video AUC") not in results  # no video ids, no video metrics
     assert len(data.eval_results) == 8 + 4
 
@@ -90,7 +107,9 @@ def test_card_metadata_parses(carded_adapter: Path) -> None:
 def test_card_body_sections(carded_adapter: Path) -> None:
     text = ModelCard.load(carded_adapter / "README.md").text
     load_section = text.split("## How to load it")[1].split("## Training recipe")[0]
-    assert load_section.index("import peft_masm") < load_section.index("PeftModel.from_pretrained(base, \"org/masm-adapter\")")
+    assert load_section.index("import peft_masm") < load_section.index(
+        'PeftModel.from_pretrained(base, "org/masm-adapter")'
+    )
     assert "KeyError: 'MASM'" in load_section and "HF_HUB_OFFLINE=1" in load_section
     recipe = text.split("```yaml\n")[1].split("```")[0]
     assert yaml.safe_load(recipe) == TRAINING
@@ -163,7 +182,12 @@ def test_push_uploads_adapter_files_only(carded_adapter: Path, monkeypatch: pyte
     assert name1 == "create_repo" and create["private"] is True and create["exist_ok"] is True
     assert create["token"] == SECRET and upload["token"] == SECRET
     assert name2 == "upload_folder" and upload["repo_id"] == "org/masm-adapter"
-    assert upload["selected"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_config.yaml"]
+    assert upload["selected"] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_config.yaml",
+    ]
 
 
 def test_push_token_from_env_never_logged_or_printed(
@@ -180,11 +204,14 @@ def test_push_token_from_env_never_logged_or_printed(
     assert SECRET not in caplog.text + out + err  # ... without the token
 
 
-def test_push_failure_hides_token(carded_adapter: Path, monkeypatch: pytest.MonkeyPatch,
-                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_push_failure_hides_token(
+    carded_adapter: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import httpx2
 
-    request = httpx2.Request("POST", "https://hub.example/api/repos/create", headers={"authorization": f"Bearer {SECRET}"})
+    request = httpx2.Request(
+        "POST", "https://hub.example/api/repos/create", headers={"authorization": f"Bearer {SECRET}"}
+    )
     response = httpx2.Response(401, request=request, text=f"invalid token {SECRET}")
     failure = HfHubHTTPError(f"401 Unauthorized for token {SECRET}", response=response)
     _patch(monkeypatch, _Recorder(fail_with=failure))
@@ -195,7 +222,9 @@ def test_push_failure_hides_token(carded_adapter: Path, monkeypatch: pytest.Monk
     assert SECRET not in text and SECRET not in caplog.text
 
 
-def test_push_refuses_incomplete_folder(adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_refuses_incomplete_folder(
+    adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rec = _Recorder()
     _patch(monkeypatch, rec)
     (tmp_path / "adapter_config.json").write_text("{}")
@@ -210,7 +239,9 @@ def test_push_refuses_incomplete_folder(adapter_dir: Path, tmp_path: Path, monke
     assert rec.calls == []
 
 
-def test_push_without_any_token(carded_adapter: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_push_without_any_token(
+    carded_adapter: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import huggingface_hub.constants as constants
 
     rec = _Recorder()
@@ -233,17 +264,27 @@ def test_resolve_local_dir(adapter_dir: Path, tmp_path: Path) -> None:
         resolve_adapter(tmp_path)
 
 
-def test_resolve_offline_not_cached_names_repo_and_fixes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_offline_not_cached_names_repo_and_fixes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     use_hub(monkeypatch, cache_dir=tmp_path / "cache", offline=True)
     with pytest.raises(AdapterNotAvailableError) as info:
         resolve_adapter("org/not-cached", revision="v1")
     message = str(info.value)
-    for needle in ("'org/not-cached'", "revision v1", "HF_HUB_OFFLINE=1", "hf download org/not-cached", "local path"):
+    for needle in (
+        "'org/not-cached'",
+        "revision v1",
+        "HF_HUB_OFFLINE=1",
+        "hf download org/not-cached",
+        "local path",
+    ):
         assert needle in message
 
 
 def test_resolve_unreachable_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_hub(monkeypatch, endpoint=f"http://127.0.0.1:{free_port()}", cache_dir=tmp_path / "cache", offline=False)
+    use_hub(
+        monkeypatch, endpoint=f"http://127.0.0.1:{free_port()}", cache_dir=tmp_path / "cache", offline=False
+    )
     with pytest.raises(AdapterNotAvailableError, match="'org/nowhere'.*HF_ENDPOINT"):
         resolve_adapter("org/nowhere")
 

@@ -45,7 +45,9 @@ def repo_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _same_tree(a: Path, b: Path) -> list[str]:
     names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
-    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert names == sorted(
+        str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and ".cache" not in p.parts
+    )
     for name in names:
         assert filecmp.cmp(a / name, b / name, shallow=False), name
     return names
@@ -64,7 +66,10 @@ def test_olah_snapshot_download_is_byte_identical(repo_files: Path, tmp_path: Pa
         use_hub(monkeypatch, endpoint=endpoint, cache_dir=tmp_path / "cache", offline=False)
         folder = Path(snapshot_download(REPO))
         names = _same_tree(repo_files, folder)
-    assert "extra/big.safetensors" in names and (repo_files / "extra" / "big.safetensors").stat().st_size > 5_000_000
+    assert (
+        "extra/big.safetensors" in names
+        and (repo_files / "extra" / "big.safetensors").stat().st_size > 5_000_000
+    )
     assert folder.is_relative_to(tmp_path / "cache")
     log = (tmp_path / "olah" / "olah-stdout.log").read_text()
     assert f"GET /{REPO}/resolve/" in log and "adapter_model.safetensors" in log  # it really went over HTTP
@@ -78,7 +83,9 @@ def test_olah_env_vars_in_fresh_process(repo_files: Path, tmp_path: Path) -> Non
     code = f"from huggingface_hub import snapshot_download; print(snapshot_download('{REPO}'))"
     with olah_mirror(REPO, repo_files, tmp_path / "olah") as endpoint:
         env = hub_env(endpoint=endpoint, cache_dir=tmp_path / "cache")
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
     assert proc.returncode == 0, proc.stderr
     _same_tree(repo_files, Path(proc.stdout.strip().splitlines()[-1]))
 

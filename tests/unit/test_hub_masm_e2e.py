@@ -57,7 +57,9 @@ def expected(masm_adapter: Path) -> torch.Tensor:
     return out
 
 
-def test_masm_through_olah_mirror(masm_adapter: Path, expected: torch.Tensor, tmp_path: Path, monkeypatch) -> None:
+def test_masm_through_olah_mirror(
+    masm_adapter: Path, expected: torch.Tensor, tmp_path: Path, monkeypatch
+) -> None:
     from peft import PeftModel
 
     with olah_mirror(REPO, masm_adapter, tmp_path / "olah") as endpoint:
@@ -67,8 +69,9 @@ def test_masm_through_olah_mirror(masm_adapter: Path, expected: torch.Tensor, tm
     torch.testing.assert_close(_output(model), expected, rtol=0, atol=0)
 
 
-def test_masm_from_prefilled_cache_offline(masm_adapter: Path, expected: torch.Tensor, tmp_path: Path,
-                                           monkeypatch) -> None:
+def test_masm_from_prefilled_cache_offline(
+    masm_adapter: Path, expected: torch.Tensor, tmp_path: Path, monkeypatch
+) -> None:
     from peft import PeftModel
 
     fill_hf_cache(tmp_path / "cache", REPO, masm_adapter)
@@ -91,8 +94,11 @@ print("loaded", model.peft_config["default"].peft_type.value)
 @pytest.mark.parametrize("with_import", [True, False])
 def test_fresh_process_needs_import_peft_masm(masm_adapter: Path, tmp_path: Path, with_import: bool) -> None:
     fill_hf_cache(tmp_path / "cache", REPO, masm_adapter)
-    code = LOAD.format(tests=str(Path(__file__).resolve().parents[1]), repo=REPO,
-                       maybe_import="import peft_masm" if with_import else "")
+    code = LOAD.format(
+        tests=str(Path(__file__).resolve().parents[1]),
+        repo=REPO,
+        maybe_import="import peft_masm" if with_import else "",
+    )
     env = hub_env(cache_dir=tmp_path / "cache", offline=True)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if with_import:

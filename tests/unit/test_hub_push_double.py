@@ -47,11 +47,15 @@ def test_push_then_pull_round_trip(adapter: Path, tmp_path: Path, monkeypatch, c
         assert sorted(repo.files) == UPLOADED  # optimizer state and checkpoints stay local
         assert repo.private is True and repo.messages == ["first"]
         assert url == f"{hub.endpoint}/{REPO}/commit/{repo.commits[-1]}"
-        assert hub.yaml_seen and "library_name: peft" in hub.yaml_seen[0]  # the card went through validate-yaml
+        assert (
+            hub.yaml_seen and "library_name: peft" in hub.yaml_seen[0]
+        )  # the card went through validate-yaml
         writes = [r for r in hub.requests if r.method == "POST"]
         assert [r.path for r in writes] == [
-            "/api/repos/create", "/api/validate-yaml",
-            f"/api/models/{REPO}/preupload/main", f"/api/models/{REPO}/commit/main",
+            "/api/repos/create",
+            "/api/validate-yaml",
+            f"/api/models/{REPO}/preupload/main",
+            f"/api/models/{REPO}/commit/main",
         ]
         assert all(r.authorization == f"Bearer {SECRET}" for r in writes)
         # Pushing again: the repo exists (409 from create) and the push still succeeds.
@@ -66,7 +70,9 @@ def test_push_then_pull_round_trip(adapter: Path, tmp_path: Path, monkeypatch, c
     torch.manual_seed(0)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, expected(pixel_values=x).last_hidden_state)
+        torch.testing.assert_close(
+            model(pixel_values=x).last_hidden_state, expected(pixel_values=x).last_hidden_state
+        )
     out, err = capfd.readouterr()
     assert SECRET not in caplog.text + out + err
 

@@ -85,7 +85,9 @@ def test_evaluate_load_by_path_in_fresh_offline_process(tmp_path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_MODULES_CACHE", None)
     arg = json.dumps({"s": scores.tolist(), "y": labels.tolist()})
-    proc = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["frame_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-sys.path.append(str(RECIPES))  # appended: recipes/evaluate.py must not shadow the `evaluate` package
+from peft_masm.recipe.config import ConfigError, TrainConfig, load_config, parse_overrides
 
-from recipe_config import ConfigError, TrainConfig, load_config, parse_overrides  # noqa: E402
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -20,9 +18,23 @@ def _yaml(tmp_path: Path, text: str) -> Path:
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(_yaml(tmp_path, "epochs: 3\nmasm: {num_subspaces: 2}\n"),
-                      ["--learning_rate", "1e-4", "--masm.subspace_rank=3", "--push_to_hub", "--hub_model_id", "o/n",
-                       "--train_families", "sbi,gan_upsample", "--max_grad_norm", "null", "--epochs", "5"])
+    cfg = load_config(
+        _yaml(tmp_path, "epochs: 3\nmasm: {num_subspaces: 2}\n"),
+        [
+            "--learning_rate",
+            "1e-4",
+            "--masm.subspace_rank=3",
+            "--push_to_hub",
+            "--hub_model_id",
+            "o/n",
+            "--train_families",
+            "sbi,gan_upsample",
+            "--max_grad_norm",
+            "null",
+            "--epochs",
+            "5",
+        ],
+    )
     assert isinstance(cfg, TrainConfig)
     assert cfg.learning_rate == pytest.approx(1e-4) and isinstance(cfg.learning_rate, float)
     assert cfg.epochs == 5
@@ -89,7 +101,9 @@ def test_shipped_configs_validate(path):
         LoraConfig(**cfg.lora)
 
 
-@pytest.mark.parametrize("path", sorted((RECIPES / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((RECIPES / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_accelerate_configs_load(path):
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -2,43 +2,55 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.append(str(Path(__file__).resolve().parents[2] / "recipes"))  # appended: recipes/evaluate.py must not shadow `evaluate`
-
-import recipe_data  # noqa: E402
-from recipe_config import ConfigError, load_config  # noqa: E402
+from peft_masm.recipe import data as recipe_data
+from peft_masm.recipe.config import ConfigError, load_config
 
 
 def _corpus(**_: object) -> datasets.Dataset:
     rng = np.random.default_rng(0)
     ids = ["a"] * 6 + ["b"] * 6 + ["c"] * 4 + ["d"] * 4
     images = [Image.fromarray(rng.integers(60, 200, (48, 48, 3), dtype=np.uint8)) for _ in ids]
-    return datasets.Dataset.from_dict({"image": images, "source": ["s"] * len(ids), "identity": ids},
-                                      features=datasets.Features({"image": datasets.Image(),
-                                                                  "source": datasets.Value("string"),
-                                                                  "identity": datasets.Value("string")}))
+    return datasets.Dataset.from_dict(
+        {"image": images, "source": ["s"] * len(ids), "identity": ids},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "source": datasets.Value("string"),
+                "identity": datasets.Value("string"),
+            }
+        ),
+    )
 
 
 class _Processor:
     def __call__(self, images, return_tensors="pt"):
         import torch
 
-        return {"pixel_values": torch.stack([torch.as_tensor(np.asarray(i), dtype=torch.float32).permute(2, 0, 1)
-                                             for i in images])}
+        return {
+            "pixel_values": torch.stack(
+                [torch.as_tensor(np.asarray(i), dtype=torch.float32).permute(2, 0, 1) for i in images]
+            )
+        }
 
 
 @pytest.fixture()
 def cfg_args(monkeypatch):
     monkeypatch.setattr(recipe_data, "build_real_face_corpus", _corpus)
-    return ["--test_identities", "c,d", "--train_families", "sbi,gan_upsample",
-            "--test_families", "double_jpeg,spectral_peaks", "--val_fraction", "0.25"]
+    return [
+        "--test_identities",
+        "c,d",
+        "--train_families",
+        "sbi,gan_upsample",
+        "--test_families",
+        "double_jpeg,spectral_peaks",
+        "--val_fraction",
+        "0.25",
+    ]
 
 
 def test_synthetic_splits_keep_identities_and_families_apart(cfg_args):
@@ -50,6 +62,7 @@ def test_synthetic_splits_keep_identities_and_families_apart(cfg_args):
     assert set(train["identity"]) <= {"a", "b"} and set(val["identity"]) <= {"a", "b"}
     assert set(whole["identity"]) == {"c", "d"}
     assert set(train["family"]) == {"real", "sbi", "gan_upsample"}
+
     # validation faces are not training faces (same identities, other faces)
     def reals(ds):
         return {np.asarray(r["image"]).tobytes() for r in ds if r["family"] == "real"}

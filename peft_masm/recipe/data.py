@@ -14,10 +14,8 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
-from recipe_config import ConfigError, TestSetConfig, TrainConfig
 
-from peft_masm.data import (
+from ..data import (
     DataError,
     FaceCropper,
     build_forgery_benchmark,
@@ -28,8 +26,9 @@ from peft_masm.data import (
     split_by_identity,
     with_image_processor,
 )
+from .config import ConfigError, TestSetConfig, TrainConfig
 
-__all__ = ["RecipeData", "build_data", "load_test_set", "collate", "labels_of"]
+__all__ = ["RecipeData", "build_data", "labels_of", "load_test_set"]
 
 
 @dataclass
@@ -54,14 +53,18 @@ def _check_both_classes(labels: list[int], what: str) -> None:
     counts = Counter(labels)
     if len(counts) < 2:
         only = "real" if 0 in counts else "fake"
-        raise DataError(f"{what} holds only {only} samples ({len(labels)}); it needs real (0) and fake (1) ones.")
+        raise DataError(
+            f"{what} holds only {only} samples ({len(labels)}); it needs real (0) and fake (1) ones."
+        )
 
 
 def _split_groups(ds: datasets.Dataset, key: str, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     groups = ds.with_format(None).select_columns([key])[key]
     names = sorted(set(groups))
     if len(names) < 2:
-        raise DataError(f"cannot hold out a validation split: only one {key} group; give val_split a real split.")
+        raise DataError(
+            f"cannot hold out a validation split: only one {key} group; give val_split a real split."
+        )
     rng = np.random.default_rng(seed)
     rng.shuffle(names)
     n_val = max(1, round(fraction * len(names)))
@@ -73,23 +76,33 @@ def _split_groups(ds: datasets.Dataset, key: str, fraction: float, seed: int) ->
 
 def _load(kind: str, path: str, split: str | None, cfg: Any, on_error: str) -> datasets.Dataset:
     if kind == "deepfakebench":
-        return load_deepfakebench(path, label_dict=cfg.label_dict, split=split or "test", compression=cfg.compression,
-                                  data_root=cfg.data_root, frames_per_video=cfg.frames_per_video,
-                                  dataset_name=cfg.dataset_name, on_error=on_error)
+        return load_deepfakebench(
+            path,
+            label_dict=cfg.label_dict,
+            split=split or "test",
+            compression=cfg.compression,
+            data_root=cfg.data_root,
+            frames_per_video=cfg.frames_per_video,
+            dataset_name=cfg.dataset_name,
+            on_error=on_error,
+        )
     if kind == "folder":
         return load_folder(path, split=split, num_frames=cfg.frames_per_video, on_error=on_error)
     if kind == "manifest":
-        return load_manifest(path, split=split, label_dict=cfg.label_dict, num_frames=cfg.frames_per_video,
-                             on_error=on_error)
+        return load_manifest(
+            path, split=split, label_dict=cfg.label_dict, num_frames=cfg.frames_per_video, on_error=on_error
+        )
     raise ConfigError(f"unknown data kind {kind!r}")
 
 
 def _face_cropper(cfg: TrainConfig) -> FaceCropper | None:
-    return None if cfg.face_detector == "none" else FaceCropper(detector=cfg.face_detector, size=256, margin=1.3)
+    return (
+        None if cfg.face_detector == "none" else FaceCropper(detector=cfg.face_detector, size=256, margin=1.3)
+    )
 
 
 def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
-    from peft_masm.data import FAMILIES
+    from ..data import FAMILIES
 
     for what in ("train_families", "test_families"):
         bad = [f for f in getattr(cfg, what) if f not in FAMILIES]
@@ -99,17 +112,22 @@ def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
         raise ConfigError("train_families is empty; name at least one forgery family to train on.")
     overlap = set(cfg.train_families) & set(cfg.test_families)
     if overlap:
-        raise ConfigError(f"families {sorted(overlap)} are in both train_families and test_families; "
-                          "held-out families must not be trained on.")
-    corpus = build_real_face_corpus(size=cfg.face_size, include_lfw=cfg.include_lfw,
-                                    carphone_frames=cfg.carphone_frames)
+        raise ConfigError(
+            f"families {sorted(overlap)} are in both train_families and test_families; "
+            "held-out families must not be trained on."
+        )
+    corpus = build_real_face_corpus(
+        size=cfg.face_size, include_lfw=cfg.include_lfw, carphone_frames=cfg.carphone_frames
+    )
     parts = split_by_identity(corpus, test_identities=cfg.test_identities)
     train_faces, test_faces = parts["train"], parts["test"]
     # Validation: held-out faces (with their fakes) of the training identities and families.
     idx = np.random.default_rng(cfg.seed).permutation(len(train_faces))
     n_val = max(2, round(cfg.val_fraction * len(train_faces)))
     val_faces, fit_faces = train_faces.select(sorted(idx[:n_val])), train_faces.select(sorted(idx[n_val:]))
-    train = build_forgery_benchmark(fit_faces, cfg.train_families, seed=cfg.seed, fakes_per_face=cfg.fakes_per_face)
+    train = build_forgery_benchmark(
+        fit_faces, cfg.train_families, seed=cfg.seed, fakes_per_face=cfg.fakes_per_face
+    )
     val = build_forgery_benchmark(val_faces, cfg.train_families, seed=cfg.seed + 1, donors=fit_faces)
     if cfg.max_train_samples is not None:
         train = train.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(train))))
@@ -133,12 +151,16 @@ def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
                 subsets[f"held-out family: {f}"] = rows([f])
     train_labels = [int(v) for v in train["label"]]
     _check_both_classes(train_labels, "the training set")
-    extra = {t.name: load_test_set(t, processor, _face_cropper(cfg), cfg.on_error) for t in cfg.test_set_configs()}
+    extra = {
+        t.name: load_test_set(t, processor, _face_cropper(cfg), cfg.on_error) for t in cfg.test_set_configs()
+    }
     _check_both_classes([int(v) for v in val["label"]], "the validation set")
     out = RecipeData(
-        train=with_image_processor(train, processor), val=with_image_processor(val, processor),
+        train=with_image_processor(train, processor),
+        val=with_image_processor(val, processor),
         tests={**{k: with_image_processor(v, processor) for k, v in tests.items()}, **extra},
-        train_labels=train_labels, test_subsets=subsets,
+        train_labels=train_labels,
+        test_subsets=subsets,
         description=["peft_masm synthetic cross-forgery benchmark (packaged real faces, synthesised fakes)"],
     )
     return out
@@ -164,7 +186,9 @@ def build_data(cfg: TrainConfig, processor: Any) -> RecipeData:
     return RecipeData(
         train=with_image_processor(train, processor, face_cropper=cropper),
         val=with_image_processor(val, processor, face_cropper=cropper),
-        tests=tests, train_labels=train_labels, description=[cfg.dataset_name or cfg.train_path],
+        tests=tests,
+        train_labels=train_labels,
+        description=[cfg.dataset_name or cfg.train_path],
     )
 
 
@@ -173,12 +197,3 @@ def load_test_set(t: TestSetConfig, processor: Any, cropper: Any = None, on_erro
     ds = _load(t.kind, t.path, t.split, t, on_error)
     _check_both_classes(labels_of(ds), f"test set {t.name!r}")
     return with_image_processor(ds, processor, face_cropper=cropper)
-
-
-def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``pixel_values`` and ``labels``; keep ``video_id`` as a list of strings."""
-    return {
-        "pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]),
-        "labels": torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long),
-        "video_id": [str(r.get("video_id", i)) for i, r in enumerate(rows)],
-    }

@@ -1,8 +1,8 @@
 """Evaluate a trained detector on one or several test sets: frame/video AUC, EER, AP, ACC with bootstrap
 95% intervals, a ROC plot, ``results.json`` and ``results.md``.
 
-    python recipes/evaluate.py --adapter outputs/demo/adapter --config recipes/configs/demo.yaml
-    python recipes/evaluate.py --adapter my-org/clip-masm \\
+    python recipes/evaluate_detector.py --adapter outputs/demo/adapter --config recipes/configs/demo.yaml
+    python recipes/evaluate_detector.py --adapter my-org/clip-masm \\
         --test celebdf-v2=deepfakebench:/data/Celeb-DF-v2.json --label_dict /data/label_dict.json \\
         --test mine=folder:/data/my_faces --output_dir outputs/eval
 
@@ -17,9 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from recipe_config import ConfigError, TestSetConfig, load_config  # noqa: E402
+from peft_masm.recipe.config import ConfigError, TestSetConfig, load_config
 
 KINDS = ("deepfakebench", "folder", "manifest")
 
@@ -29,33 +27,59 @@ def parse_test(spec: str, args: argparse.Namespace) -> TestSetConfig:
     name = None
     if "=" in spec.split(":", 1)[0]:
         name, spec = spec.split("=", 1)
-    kind, path = (spec.split(":", 1) if spec.split(":", 1)[0] in KINDS else (None, spec))
+    kind, path = spec.split(":", 1) if spec.split(":", 1)[0] in KINDS else (None, spec)
     p = Path(path)
     if kind is None:
-        kind = ("folder" if p.is_dir() else "deepfakebench" if p.suffix == ".json" else
-                "manifest" if p.suffix in (".csv", ".jsonl", ".ndjson") else None)
+        kind = (
+            "folder"
+            if p.is_dir()
+            else "deepfakebench"
+            if p.suffix == ".json"
+            else "manifest"
+            if p.suffix in (".csv", ".jsonl", ".ndjson")
+            else None
+        )
         if kind is None:
-            raise ConfigError(f"--test {spec}: cannot tell the kind; write KIND:PATH with KIND one of {list(KINDS)}.")
+            raise ConfigError(
+                f"--test {spec}: cannot tell the kind; write KIND:PATH with KIND one of {list(KINDS)}."
+            )
     if not p.exists():
         raise ConfigError(f"--test {spec}: {p} does not exist.")
-    return TestSetConfig(name=name or p.stem or p.name, kind=kind, path=str(p), split=args.split,
-                         label_dict=args.label_dict, compression=args.compression,
-                         dataset_name=args.dataset_name, frames_per_video=args.frames_per_video)
+    return TestSetConfig(
+        name=name or p.stem or p.name,
+        kind=kind,
+        path=str(p),
+        split=args.split,
+        label_dict=args.label_dict,
+        compression=args.compression,
+        dataset_name=args.dataset_name,
+        frames_per_video=args.frames_per_video,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--adapter", required=True, help="adapter folder or Hub id")
-    parser.add_argument("--config", help="a training config: its test_sets (and synthetic benchmark) are used")
+    parser.add_argument(
+        "--config", help="a training config: its test_sets (and synthetic benchmark) are used"
+    )
     parser.add_argument("--test", action="append", default=[], help="[NAME=]KIND:PATH (repeatable)")
     parser.add_argument("--output_dir", default=None, help="default: <adapter>/../eval or outputs/eval")
-    parser.add_argument("--split", default="test", help="split inside DeepfakeBench JSONs / manifests / folders")
+    parser.add_argument(
+        "--split", default="test", help="split inside DeepfakeBench JSONs / manifests / folders"
+    )
     parser.add_argument("--label_dict", default=None, help="label name -> 0/1 file for DeepfakeBench JSONs")
     parser.add_argument("--compression", default="c23")
     parser.add_argument("--dataset_name", default=None)
     parser.add_argument("--frames_per_video", type=int, default=8)
-    parser.add_argument("--face_detector", choices=["none", "auto", "mtcnn", "lbp"], default="none",
-                        help="crop faces of the test images first (DeepfakeBench frames are already cropped)")
+    parser.add_argument(
+        "--face_detector",
+        choices=["none", "auto", "mtcnn", "lbp"],
+        default="none",
+        help="crop faces of the test images first (DeepfakeBench frames are already cropped)",
+    )
     parser.add_argument("--n_bootstrap", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -69,15 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         tests = [parse_test(s, args) for s in args.test]
         cfg = load_config(args.config, []) if args.config else None
         if not tests and cfg is None:
-            raise ConfigError("nothing to evaluate: pass --test [NAME=]KIND:PATH (repeatable) and/or --config.")
+            raise ConfigError(
+                "nothing to evaluate: pass --test [NAME=]KIND:PATH (repeatable) and/or --config."
+            )
         from peft_masm.detector import load_detector
 
         model, processor = load_detector(args.adapter)
-        from recipe_data import build_data, load_test_set
+        from peft_masm.recipe.data import build_data, load_test_set
 
         sets, subsets = {}, {}
         if cfg is not None:
-            cfg.image_size = processor.crop_size.get("height") if getattr(processor, "crop_size", None) else None
+            cfg.image_size = (
+                processor.crop_size.get("height") if getattr(processor, "crop_size", None) else None
+            )
             built = build_data(cfg, processor)
             sets.update(built.tests)
             subsets.update(built.test_subsets)
@@ -90,12 +118,21 @@ def main(argv: list[str] | None = None) -> int:
             sets[t.name] = load_test_set(t, processor, cropper)
         if not sets:
             raise ConfigError("the config defines no test sets; pass --test.")
-        out = Path(args.output_dir) if args.output_dir else (
-            Path(args.adapter).parent / "eval" if Path(args.adapter).is_dir() else Path("outputs/eval"))
-        from recipe_eval import score_sets
+        out = (
+            Path(args.output_dir)
+            if args.output_dir
+            else (Path(args.adapter).parent / "eval" if Path(args.adapter).is_dir() else Path("outputs/eval"))
+        )
+        from peft_masm.evaluation import score_sets
 
         score_sets(model, sets, out, args.batch_size, args.n_bootstrap, args.seed, subsets=subsets)
-    except (ConfigError, DataError, AdapterNotAvailableError, BackboneNotAvailableError, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        DataError,
+        AdapterNotAvailableError,
+        BackboneNotAvailableError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"results: {out / 'results.json'}, {out / 'results.md'}; ROC plot: {out / 'roc.png'}")

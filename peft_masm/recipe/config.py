@@ -65,7 +65,9 @@ class TrainConfig:
     max_train_samples: int | None = None
     # synthetic cross-forgery benchmark (data: synthetic)
     train_families: list[str] = field(default_factory=lambda: ["sbi", "colour_swap", "gan_upsample"])
-    test_families: list[str] = field(default_factory=lambda: ["double_jpeg", "denoise_renoise", "spectral_peaks"])
+    test_families: list[str] = field(
+        default_factory=lambda: ["double_jpeg", "denoise_renoise", "spectral_peaks"]
+    )
     test_identities: list[str] = field(default_factory=lambda: ["carphone", "faceapi-s5", "astronaut"])
     face_size: int = 224
     fakes_per_face: int = 1
@@ -107,8 +109,17 @@ class TrainConfig:
     hub_private: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "face_size",
-                    "fakes_per_face", "frames_per_video", "logging_steps", "mask_calibration_batches")
+        positive = (
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "face_size",
+            "fakes_per_face",
+            "frames_per_video",
+            "logging_steps",
+            "mask_calibration_batches",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
@@ -120,9 +131,13 @@ class TrainConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
         if self.data != "synthetic" and not self.train_path:
-            raise ConfigError(f"data: {self.data} needs train_path (the DeepfakeBench JSON, folder or manifest).")
+            raise ConfigError(
+                f"data: {self.data} needs train_path (the DeepfakeBench JSON, folder or manifest)."
+            )
         if self.push_to_hub and not self.hub_model_id:
-            raise ConfigError("push_to_hub: true needs hub_model_id (e.g. --hub_model_id my-org/clip-masm-ffpp).")
+            raise ConfigError(
+                "push_to_hub: true needs hub_model_id (e.g. --hub_model_id my-org/clip-masm-ffpp)."
+            )
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"image_size must be positive, got {self.image_size}.")
         self.test_sets = [
@@ -134,7 +149,7 @@ class TrainConfig:
 
     def _check_adapter_fields(self) -> None:
         if self.method == "masm":
-            from peft_masm import MASMConfig
+            from ..tuner import MASMConfig
 
             _check_keys(self.masm, MASMConfig, "masm")
         else:
@@ -196,7 +211,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            parsed = (
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            )
             value = parsed
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r} ({type(value).__name__}).")
@@ -250,8 +267,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         if key not in names:
             raise ConfigError(_unknown(str(key), names, where))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where != "config" else key)
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing}.")
     return cls(**kwargs)
@@ -271,7 +293,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         token = args[i]
         if not token.startswith("--") or token == "--":
-            raise ConfigError(f"unexpected argument {token!r}; overrides look like --key value or --key=value.")
+            raise ConfigError(
+                f"unexpected argument {token!r}; overrides look like --key value or --key=value."
+            )
         key = token[2:].replace("-", "_") if "." not in token else token[2:]
         if "=" in key:
             key, text = key.split("=", 1)

@@ -1,6 +1,7 @@
 """Scoring datasets with a detector and writing results (JSON, Markdown table, ROC plot).
 
-Shared by ``train.py`` (validation each epoch, test sets at the end) and ``evaluate.py``.
+The prediction and scoring path of ``recipes/train.py`` (validation each epoch, test sets at the end),
+``recipes/evaluate_detector.py`` and the benchmarks.
 """
 
 from __future__ import annotations
@@ -10,18 +11,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from recipe_data import collate
 from torch.utils.data import DataLoader
 
-from peft_masm.detector import forward_logits
-from peft_masm.metrics import compute_detection_metrics, plot_roc, write_results
+from .data.processing import collate
+from .detector import forward_logits
+from .metrics import compute_detection_metrics, plot_roc, write_results
 
 __all__ = ["predict", "score_sets", "metrics_for"]
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, ds: Any, batch_size: int, accelerator: Any = None,
-            desc: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+def predict(
+    model: torch.nn.Module, ds: Any, batch_size: int, accelerator: Any = None, desc: str | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str], float]:
     """``(labels, fake probabilities, video ids, mean cross-entropy)`` over ``ds``.
 
     With ``accelerator`` the set is sharded over processes and gathered (each sample counted once).
@@ -53,17 +55,26 @@ def predict(model: torch.nn.Module, ds: Any, batch_size: int, accelerator: Any =
     return (torch.cat(labels).numpy(), torch.cat(scores).numpy(), vids, float(torch.cat(losses).mean()))
 
 
-def metrics_for(labels: np.ndarray, scores: np.ndarray, video_ids: list[str], n_bootstrap: int,
-                seed: int = 0) -> dict[str, Any]:
+def metrics_for(
+    labels: np.ndarray, scores: np.ndarray, video_ids: list[str], n_bootstrap: int, seed: int = 0
+) -> dict[str, Any]:
     """Frame metrics, plus video metrics when some video contributes several frames."""
     several = len(set(video_ids)) < len(video_ids)
-    return compute_detection_metrics(labels, scores, video_ids=video_ids if several else None,
-                                     n_bootstrap=n_bootstrap, seed=seed)
+    return compute_detection_metrics(
+        labels, scores, video_ids=video_ids if several else None, n_bootstrap=n_bootstrap, seed=seed
+    )
 
 
-def score_sets(model: torch.nn.Module, sets: dict[str, Any], out_dir: str | Path, batch_size: int,
-               n_bootstrap: int = 1000, seed: int = 0, log: Any = print,
-               subsets: dict[str, tuple[str, list[int]]] | None = None) -> dict[str, dict[str, Any]]:
+def score_sets(
+    model: torch.nn.Module,
+    sets: dict[str, Any],
+    out_dir: str | Path,
+    batch_size: int,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    log: Any = print,
+    subsets: dict[str, tuple[str, list[int]]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Evaluate every named set; write ``results.json``, ``results.md`` and ``roc.png`` into ``out_dir``.
 
     ``subsets`` maps a result name to ``(set name, row indices)``: metrics on those rows of a scored set,

@@ -15,7 +15,9 @@ def _block_diagonal(total: int, rank: int, device: torch.device) -> torch.Tensor
     return (groups[:, None] == groups[None, :]).to(torch.float32)
 
 
-def subspace_spectral_norms(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int) -> torch.Tensor:
+def subspace_spectral_norms(
+    U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int
+) -> torch.Tensor:
     """``||U_j diag(s_j) V_j^T||_2`` for each subspace j, via thin QR of the (m, k) and (n, k) blocks."""
     m, total = U.shape
     num = total // subspace_rank

@@ -79,7 +79,9 @@ def minor_triplets(weight: torch.Tensor, num: int) -> MinorTriplets:
     w = weight.detach().to("cpu", torch.float64).numpy()
     d = min(w.shape)
     if num >= d:
-        raise ValueError(f"asked for {num} minor singular triplets of a {tuple(w.shape)} matrix (rank <= {d})")
+        raise ValueError(
+            f"asked for {num} minor singular triplets of a {tuple(w.shape)} matrix (rank <= {d})"
+        )
     result = _gram_minor(w, num)
     if result is None:
         result = _full_svd_minor(w, num)

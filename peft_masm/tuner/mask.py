@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from .config import MASMConfig
     from .layer import MASMLayer
-    from .model import MASMModel
 
 
 @dataclass
@@ -40,15 +39,15 @@ class _Unit:
 class LayerMaskController:
     """Gradient statistics and mask decisions for one adapter of a ``MASMModel``.
 
-    Use ``MASMModel.update_layer_mask(global_step)`` rather than this class directly. It has
-    ``state_dict()``/``load_state_dict()`` so ``accelerator.register_for_checkpointing(controller)``
-    saves the statistics with the training state.
+    It is given the adapter's layers and config, never the model. Use it through
+    ``MASMModel.update_layer_mask()`` (see there for when to call it). It has ``state_dict()`` /
+    ``load_state_dict()`` so ``accelerator.register_for_checkpointing(controller)`` saves the
+    statistics and the step count with the training state.
     """
 
-    def __init__(self, model: MASMModel, adapter_name: str) -> None:
+    def __init__(self, layers: list[tuple[str, MASMLayer]], config: MASMConfig, adapter_name: str) -> None:
         self.adapter_name = adapter_name
-        self.config = model.peft_config[adapter_name]
-        layers = list(model.masm_layers(adapter_name))
+        self.config = config
         if not layers:
             raise ValueError(f"The model has no MASM layer with adapter '{adapter_name}'; nothing to mask.")
         self.units: list[_Unit] = []
@@ -60,7 +59,8 @@ class LayerMaskController:
                 self.units.extend(_Unit(f"{name}[{j}]", layer, [j]) for j in range(num))
         self.ema_mean: list[list[torch.Tensor]] | None = None
         self.ema_sq: list[list[torch.Tensor]] | None = None
-        self.num_updates = 0
+        self.num_updates = 0  # gradients folded into the statistics (training steps and calibration batches)
+        self.num_steps = 0  # optimizer steps seen by step(): the one step count of the mask
         self.calibrated = False
         self.history_steps: list[int] = []
         self.history_masks: list[list[float]] = []
@@ -101,7 +101,10 @@ class LayerMaskController:
         scores = []
         for means, squares in zip(self.ema_mean, self.ema_sq):
             signal = sum(float((m / correction).square().sum()) for m in means)
-            noise = sum(float((s / correction - (m / correction).square()).clamp_min(0).sum()) for m, s in zip(means, squares))
+            noise = sum(
+                float((s / correction - (m / correction).square()).clamp_min(0).sum())
+                for m, s in zip(means, squares)
+            )
             scores.append(signal / max(noise, 1e-30))
         return torch.tensor(scores, dtype=torch.float64)
 
@@ -137,9 +140,7 @@ class LayerMaskController:
 
     def current_keep(self) -> list[bool]:
         """Whether each unit trains now, read from the layers' ``masm_mask`` buffers."""
-        return [
-            bool(unit.layer.masm_mask[self.adapter_name][unit.subspaces].all()) for unit in self.units
-        ]
+        return [bool(unit.layer.masm_mask[self.adapter_name][unit.subspaces].all()) for unit in self.units]
 
     def drop_masked_gradients(self) -> int:
         """Set the gradients of masked units to ``None``; returns how many units were masked."""
@@ -154,11 +155,17 @@ class LayerMaskController:
                 p.grad = None
         return masked
 
-    def step(self, global_step: int) -> None:
-        """Update statistics, decide when due, and drop masked gradients (see ``MASMModel.update_layer_mask``)."""
+    def step(self) -> None:
+        """One optimizer step: update statistics, decide when due, drop masked gradients.
+
+        The steps are counted here (1 for the first optimizer step): a decision is taken at step
+        ``mask_warmup`` and every ``mask_interval`` steps after it (the first at ``mask_interval``
+        when ``mask_warmup`` is 0).
+        """
         mode = self.config.layer_mask
         if mode == "none":
             return
+        self.num_steps += 1
         if mode == "static":
             if not self.calibrated:
                 raise RuntimeError(
@@ -168,10 +175,15 @@ class LayerMaskController:
             self.drop_masked_gradients()
             return
         self.accumulate()
-        warmup, interval = self.config.mask_warmup, self.config.mask_interval
-        if global_step >= warmup and (global_step - warmup) % interval == 0:
-            self.decide(global_step)
+        if self.decision_due(self.num_steps):
+            self.decide(self.num_steps)
         self.drop_masked_gradients()
+
+    def decision_due(self, step: int) -> bool:
+        """Whether the dynamic mask decides at optimizer step ``step`` (1-based)."""
+        warmup, interval = self.config.mask_warmup, self.config.mask_interval
+        first = warmup if warmup > 0 else interval
+        return step >= first and (step - first) % interval == 0
 
     # ------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -181,6 +193,7 @@ class LayerMaskController:
             "ema_mean": self.ema_mean,
             "ema_sq": self.ema_sq,
             "num_updates": self.num_updates,
+            "num_steps": self.num_steps,
             "calibrated": self.calibrated,
             "history_steps": list(self.history_steps),
             "history_masks": [list(row) for row in self.history_masks],
@@ -190,7 +203,9 @@ class LayerMaskController:
         """Restore what ``state_dict()`` returned (the unit layout must match)."""
         names = [unit.name for unit in self.units]
         if state["unit_names"] != names:
-            raise ValueError("This layer-mask state belongs to a model with other MASM layers or granularity.")
+            raise ValueError(
+                "This layer-mask state belongs to a model with other MASM layers or granularity."
+            )
         device = self.units[0].layer.masm_U0[self.adapter_name].device
 
         def to_device(nested):
@@ -198,63 +213,8 @@ class LayerMaskController:
 
         self.ema_mean, self.ema_sq = to_device(state["ema_mean"]), to_device(state["ema_sq"])
         self.num_updates = int(state["num_updates"])
+        self.num_steps = int(state.get("num_steps", state["num_updates"]))
         self.calibrated = bool(state["calibrated"])
         self.history_steps = list(state["history_steps"])
         self.history_masks = [list(row) for row in state["history_masks"]]
         self._keep = None  # the masks themselves are model buffers, restored with the model
-
-
-def calibrate_layer_mask(peft_model, dataloader, loss_fn, num_batches: int = 8) -> torch.Tensor:
-    """Static mask: gradient statistics over ``num_batches`` batches, then one decision for the whole run.
-
-    ``loss_fn(model, batch)`` returns the scalar training loss. Gradients are cleared afterwards.
-    Returns the keep mask over units.
-    """
-    model: MASMModel = peft_model.base_model
-    controller = model.layer_mask
-    if num_batches <= 0:
-        raise ValueError(f"num_batches must be positive, got {num_batches}.")
-    seen = 0
-    for batch in dataloader:
-        if seen >= num_batches:
-            break
-        peft_model.zero_grad(set_to_none=True)
-        loss_fn(peft_model, batch).backward()
-        controller.accumulate()
-        seen += 1
-    peft_model.zero_grad(set_to_none=True)
-    if seen == 0:
-        raise ValueError("calibrate_layer_mask got an empty data loader: it needs at least one batch.")
-    keep = controller.decide(global_step=0)
-    controller.calibrated = True
-    return keep
-
-
-def plot_mask_history(peft_model, path: str | Path) -> Path:
-    """Draw the decision history (units x decision steps; dark = masked) as a PNG heatmap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    controller = peft_model.base_model.layer_mask
-    path = Path(path)
-    names = [unit.name.removeprefix("base_model.model.") for unit in controller.units]
-    if controller.history_masks:
-        data = torch.tensor(controller.history_masks).T.numpy()
-        steps = controller.history_steps
-    else:
-        data = torch.tensor([controller.current_keep()], dtype=torch.float32).T.numpy()
-        steps = [0]
-    height = max(3.0, 0.18 * len(names) + 1.5)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(steps) + 4), height))
-    ax.imshow(data, aspect="auto", cmap="Greys_r", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(names)), names, fontsize=6)
-    ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7, rotation=90)
-    ax.set_xlabel("optimizer step of the decision")
-    ax.set_title(f"MASM layer mask ({controller.config.layer_mask})\nwhite = trains, black = masked", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

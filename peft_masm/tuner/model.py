@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -10,10 +11,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .config import _ATTENTION, MASMConfig
+from .config import DEFAULT_ATTENTION_TARGETS, MASMConfig
 from .decomposition import minor_triplets_many
 from .layer import Linear, MASMLayer
-from .masking import LayerMaskController
+from .mask import LayerMaskController
 
 
 class MASMModel(BaseTuner):
@@ -22,15 +23,16 @@ class MASMModel(BaseTuner):
     Use it through PEFT: ``get_peft_model(model, MASMConfig(...))`` after ``import peft_masm``.
 
     Besides PEFT's tuner API it offers:
-      - ``decompose()``: run the SVD of every layer still waiting for it, in one batch;
+      - ``decompose()``: run the SVD of every layer still waiting for it, in one batch (the only
+        place an SVD runs: never in ``forward()`` nor in the loss);
       - ``regularization_loss()``: MASM's orthogonality and spectral terms, to add to the task loss;
-      - ``update_layer_mask(global_step)``: the selective layer mask, called between ``backward()`` and
-        ``optimizer.step()``.
+      - ``update_layer_mask()``: the selective layer mask, once per optimizer step, after gradient
+        clipping and before ``optimizer.step()``.
     """
 
     prefix: str = "masm_"
     tuner_layer_cls = MASMLayer
-    target_module_mapping = _ATTENTION
+    target_module_mapping = DEFAULT_ATTENTION_TARGETS
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs) -> None:
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
@@ -83,7 +85,9 @@ class MASMModel(BaseTuner):
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         handles = [
-            layer.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True)
+            layer.register_forward_pre_hook(
+                partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True
+            )
             for _, layer in self._all_masm_layers()
         ]
         try:
@@ -121,7 +125,9 @@ class MASMModel(BaseTuner):
             layer.set_decomposition(name, triplets)
         return len(todo)
 
-    def regularization_loss(self, adapter_name: str | None = None, compute_all: bool = False) -> dict[str, torch.Tensor]:
+    def regularization_loss(
+        self, adapter_name: str | None = None, compute_all: bool = False
+    ) -> dict[str, torch.Tensor]:
         """MASM's regularisers, averaged over layers: ``orthogonality``, ``spectral`` and their weighted ``total``.
 
         PEFT's ``PeftModel.forward`` bypasses the tuner for vision models, so the training loop adds
@@ -134,7 +140,6 @@ class MASMModel(BaseTuner):
         layers = [layer for _, layer in self.masm_layers(adapter_name)]
         if not layers:
             raise ValueError(f"No MASM layer holds adapter '{adapter_name}'.")
-        self.decompose(adapter_name)
         device = layers[0].masm_U0[adapter_name].device
         zero = torch.zeros((), device=device)
         if not compute_all and config.orthogonality_weight == 0 and config.spectral_weight == 0:
@@ -158,16 +163,28 @@ class MASMModel(BaseTuner):
         """
         adapter_name = self.active_adapters[0]
         if adapter_name not in self._layer_masks:
-            self._layer_masks[adapter_name] = LayerMaskController(self, adapter_name)
+            layers = list(self.masm_layers(adapter_name))
+            self._layer_masks[adapter_name] = LayerMaskController(
+                layers, self.peft_config[adapter_name], adapter_name
+            )
         return self._layer_masks[adapter_name]
 
-    def update_layer_mask(self, global_step: int) -> None:
-        """Update the mask's gradient statistics, decide when due, and drop masked gradients.
+    def update_layer_mask(self, global_step: int | None = None) -> None:
+        """The layer mask's one entry point: update gradient statistics, decide when due, drop masked gradients.
 
-        Call it after ``backward()`` and before ``optimizer.step()``, once per optimizer step (with
-        gradient accumulation: only when ``accelerator.sync_gradients``), with the optimizer step count.
+        Call it once per optimizer step, after ``backward()`` and gradient clipping and before
+        ``optimizer.step()`` (with gradient accumulation: only when ``accelerator.sync_gradients``, so
+        every rank sees the same synchronised gradients). The mask counts the steps itself (the first
+        call is step 1); ``peft_masm.training.TrainingStep`` and ``peft_masm.MASMTrainer`` call it for you.
         """
-        self.layer_mask.step(global_step)
+        if global_step is not None:
+            warnings.warn(
+                "update_layer_mask(global_step) is deprecated: the layer mask counts optimizer steps itself "
+                "(saved with its state); call update_layer_mask() with no argument.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        self.layer_mask.step()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter and its layer-mask statistics."""

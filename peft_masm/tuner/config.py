@@ -16,7 +16,7 @@ MASK_GRANULARITIES = ("layer", "subspace")
 
 # Attention projections per `model.config.model_type` (checked against transformers 5.23). The
 # patterns only match inside the vision tower, so a full CLIP/SigLIP model keeps its text tower frozen.
-_ATTENTION = {
+DEFAULT_ATTENTION_TARGETS = {
     "clip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "clip": r".*vision_model.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
     "siglip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -24,7 +24,7 @@ _ATTENTION = {
     "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
-_MLP = {
+DEFAULT_MLP_TARGETS = {
     "clip_vision_model": ["fc1", "fc2"],
     "clip": r".*vision_model.*\.mlp\.(fc1|fc2)",
     "siglip_vision_model": [r"encoder\.layers\.\d+\.mlp\.fc1", r"encoder\.layers\.\d+\.mlp\.fc2"],
@@ -40,12 +40,12 @@ def default_target_modules(model_type: str, include_mlp: bool = False) -> list[s
     ``include_mlp=True`` adds the MLP's two linear layers, e.g.
     ``MASMConfig(target_modules=default_target_modules("clip_vision_model", include_mlp=True))``.
     """
-    if model_type not in _ATTENTION:
+    if model_type not in DEFAULT_ATTENTION_TARGETS:
         raise ValueError(
-            f"MASM has no default target modules for model_type={model_type!r} (known: {sorted(_ATTENTION)}); "
+            f"MASM has no default target modules for model_type={model_type!r} (known: {sorted(DEFAULT_ATTENTION_TARGETS)}); "
             "pass `target_modules` explicitly, e.g. the names of the attention projections."
         )
-    attention, mlp = _ATTENTION[model_type], _MLP[model_type]
+    attention, mlp = DEFAULT_ATTENTION_TARGETS[model_type], DEFAULT_MLP_TARGETS[model_type]
     if not include_mlp:
         return list(attention) if isinstance(attention, list) else attention
     if isinstance(attention, str):
@@ -85,7 +85,9 @@ class MASMConfig(PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier'] for a detector head."},
+        metadata={
+            "help": "Modules trained in full and saved with the adapter, e.g. ['classifier'] for a detector head."
+        },
     )
     num_subspaces: int = field(default=4, metadata={"help": "K: the number of artifact subspaces per layer."})
     subspace_rank: int = field(default=2, metadata={"help": "k: the rank of each artifact subspace."})
@@ -155,7 +157,8 @@ class MASMConfig(PeftConfig):
         default=20, metadata={"help": "Optimizer steps before the first mask decision (dynamic mode)."}
     )
     mask_ema_decay: float = field(
-        default=0.9, metadata={"help": "Decay of the exponential moving averages of the gradients, in [0, 1)."}
+        default=0.9,
+        metadata={"help": "Decay of the exponential moving averages of the gradients, in [0, 1)."},
     )
 
     def __post_init__(self) -> None:
@@ -173,7 +176,9 @@ class MASMConfig(PeftConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"MASMConfig.{name} must be a positive integer, got {value!r}.")
         if not isinstance(self.mask_warmup, int) or self.mask_warmup < 0:
-            raise ValueError(f"MASMConfig.mask_warmup must be a non-negative integer, got {self.mask_warmup!r}.")
+            raise ValueError(
+                f"MASMConfig.mask_warmup must be a non-negative integer, got {self.mask_warmup!r}."
+            )
         choices = {
             "partition": PARTITIONS,
             "train_factors": TRAIN_FACTORS,

@@ -6,8 +6,9 @@ For a weight ``W`` (m x n) the layer keeps, per adapter, trainable ``U_j (m x k)
 ``x @ Delta^T`` with ``Delta = U diag(s) V^T - U0 diag(s0) V0^T`` computed as one factored
 product of rank ``2*K*k``: ``(x @ [V, V0]) @ [U*s, -U0*s0]^T``.
 
-The decomposition is lazy: a layer created by ``get_peft_model`` decomposes on first use (or in one
-batch through ``MASMModel.decompose()``); a layer whose weights come from a saved adapter never does.
+A layer created for training is decomposed by ``MASMModel.decompose()`` (``get_peft_model`` calls it);
+a layer whose weights come from a saved adapter never is. ``forward()`` and the regularisers never run
+an SVD: they refuse an adapter whose factors were neither computed nor loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from . import regularizers
 from .config import MASMConfig
-from .decomposition import MinorTriplets, fingerprint_deviation, minor_triplets, weight_fingerprint
+from .decomposition import MinorTriplets, fingerprint_deviation, weight_fingerprint
 
 
 class BaseModelMismatchError(ValueError):
@@ -76,8 +77,10 @@ class MASMLayer(BaseTunerLayer):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     # ----------------------------------------------------------------------------------------- set-up
-    def update_layer(self, adapter_name: str, config: MASMConfig, inference_mode: bool = False, **kwargs) -> None:
-        """Add an adapter: allocate its factors; the SVD itself waits until the layer is first used."""
+    def update_layer(
+        self, adapter_name: str, config: MASMConfig, inference_mode: bool = False, **kwargs
+    ) -> None:
+        """Add an adapter: allocate its factors (filled by ``set_decomposition`` or by loading)."""
         num, rank = config.num_subspaces, config.subspace_rank
         total = num * rank
         d = min(self.in_features, self.out_features)
@@ -92,9 +95,15 @@ class MASMLayer(BaseTunerLayer):
         m, n = self.out_features, self.in_features
         device = self.get_base_layer().weight.device
         factory = {"device": device, "dtype": torch.float32}
-        self.masm_U[adapter_name] = nn.ParameterList([nn.Parameter(torch.zeros(m, rank, **factory)) for _ in range(num)])
-        self.masm_s[adapter_name] = nn.ParameterList([nn.Parameter(torch.zeros(rank, **factory)) for _ in range(num)])
-        self.masm_V[adapter_name] = nn.ParameterList([nn.Parameter(torch.zeros(n, rank, **factory)) for _ in range(num)])
+        self.masm_U[adapter_name] = nn.ParameterList(
+            [nn.Parameter(torch.zeros(m, rank, **factory)) for _ in range(num)]
+        )
+        self.masm_s[adapter_name] = nn.ParameterList(
+            [nn.Parameter(torch.zeros(rank, **factory)) for _ in range(num)]
+        )
+        self.masm_V[adapter_name] = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n, rank, **factory)) for _ in range(num)]
+        )
         self.masm_U0[adapter_name] = torch.zeros(m, total, **factory)
         self.masm_s0[adapter_name] = torch.zeros(total, **factory)
         self.masm_V0[adapter_name] = torch.zeros(n, total, **factory)
@@ -108,12 +117,16 @@ class MASMLayer(BaseTunerLayer):
         self.masm_check_base[adapter_name] = config.check_base_model
         self.masm_fit_bound[adapter_name] = config.fit_bound
         self.masm_pending[adapter_name] = True
-        frozen = {"all": (), "singular_values": ("masm_U", "masm_V"), "vectors": ("masm_s",)}[config.train_factors]
+        frozen = {"all": (), "singular_values": ("masm_U", "masm_V"), "vectors": ("masm_s",)}[
+            config.train_factors
+        ]
         if frozen:
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: frozen}
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
         # MASM's factors stay float32 whatever the base dtype: minor singular directions do not survive a
         # bfloat16 round-off. Only the device follows the base layer.
         target = device if device is not None else self.get_base_layer().weight.device
@@ -167,18 +180,18 @@ class MASMLayer(BaseTunerLayer):
             U.add_(torch.randn_like(U) * 0.3 / math.sqrt(U.shape[0]))
             V.add_(torch.randn_like(V) * 0.3 / math.sqrt(V.shape[0]))
 
-    def ensure_decomposed(self, adapter_name: str) -> None:
-        """Run the SVD now if ``adapter_name`` has neither computed nor loaded factors."""
-        if self.pending_decomposition(adapter_name):
-            total = self.masm_num_subspaces[adapter_name] * self.masm_subspace_rank[adapter_name]
-            self.set_decomposition(adapter_name, minor_triplets(self.get_base_layer().weight, total))
+    def _require_factors(self, adapter_name: str) -> None:
+        if self.masm_pending.get(adapter_name, False):
+            raise RuntimeError(
+                f"MASM adapter '{adapter_name}' has no factors yet (created in inference mode and never loaded): "
+                "call `peft_model.base_model.decompose()` once, or load trained weights with PeftModel.from_pretrained."
+            )
 
     def _after_load(self, adapter_names: list[str], prefix: str) -> None:
         """Mark adapters whose factors were just loaded as decomposed, and check their base weight."""
         for adapter_name in adapter_names:
-            # An adapter saved before its first use holds placeholders (sigma_r == 0): decompose on use.
-            self.masm_pending[adapter_name] = not bool(self.masm_sigma_r[adapter_name].ne(0).all())
-            if self.masm_check_base[adapter_name] and not self.masm_pending[adapter_name]:
+            self.masm_pending[adapter_name] = False
+            if self.masm_check_base[adapter_name]:
                 self._check_base_weight(adapter_name, prefix)
 
     def _check_base_weight(self, adapter_name: str, prefix: str) -> None:
@@ -198,7 +211,7 @@ class MASMLayer(BaseTunerLayer):
     # ------------------------------------------------------------------------------------ the delta
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The trainable factors concatenated over subspaces: U (m, K*k), s (K*k,), V (n, K*k)."""
-        self.ensure_decomposed(adapter_name)
+        self._require_factors(adapter_name)
         U = torch.cat(list(self.masm_U[adapter_name]), dim=1)
         s = torch.cat(list(self.masm_s[adapter_name]))
         V = torch.cat(list(self.masm_V[adapter_name]), dim=1)
@@ -260,7 +273,9 @@ class MASMLayer(BaseTunerLayer):
             if safe_merge:
                 merged = base.weight.data + delta
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights; the adapter {name} seems to be broken.")
+                    raise ValueError(
+                        f"NaNs detected in the merged weights; the adapter {name} seems to be broken."
+                    )
                 base.weight.data = merged
             else:
                 base.weight.data += delta
@@ -313,7 +328,9 @@ class Linear(nn.Module, MASMLayer):
             result = result + ((x.to(A.dtype) @ A) @ B.T).to(result.dtype)
         return result
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
         """Each sample ``i`` gets adapter ``adapter_names[i]`` (``"__base__"``: none), as PEFT's LoRA does."""
         if len(x) != len(adapter_names):
             raise ValueError(
@@ -321,7 +338,9 @@ class Linear(nn.Module, MASMLayer):
                 f"{len(adapter_names)} and {len(x)} respectively."
             )
         if self.merged:
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         result = self.base_layer(x, *args, **kwargs)
         for name in sorted(set(adapter_names)):
             if name not in self.masm_U:
