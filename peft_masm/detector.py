@@ -1,14 +1,16 @@
 """The deepfake detector: an HF vision backbone with a binary real/fake head and a PEFT adapter (MASM by default).
 
-``build_detector("clip-vit-b16")`` makes a new one for training; ``load_detector("org/name" or a folder)``
-loads a trained adapter onto the base model named in its ``adapter_config.json``. Scores are the
-probability of the "fake" class (label 1).
+``build_detector("clip-vit-b16")`` makes a new one for training; ``save_detector`` writes it (adapter-only
+weights, image processor, training config, detector config, model card), ``load_detector("org/name" or a
+folder)`` loads it back onto the base model named in its ``adapter_config.json``, and
+``push_detector_to_hub`` uploads the saved folder. Scores are the probability of the "fake" class (label 1).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,13 @@ from .tuner import MASMConfig, default_target_modules
 __all__ = [
     "ID2LABEL",
     "LABEL2ID",
+    "POOLINGS",
     "BackboneNotAvailableError",
+    "CLIPPoolerClassifier",
     "build_detector",
+    "push_detector_to_hub",
+    "read_training_config",
+    "save_detector",
     "card_base_model",
     "head_module_names",
     "load_base_classifier",
@@ -35,6 +42,9 @@ ID2LABEL: dict[int, str] = {0: "real", 1: "fake"}
 LABEL2ID: dict[str, int] = {"real": 0, "fake": 1}
 # Hub ids whose weights the offline aliases of peft_masm.backbones carry (used for model-card metadata).
 _ALIAS_HUB_IDS = {"clip-vit-b16": "openai/clip-vit-base-patch16", "dinov2-s14": "facebook/dinov2-small"}
+
+
+POOLINGS = ("model", "pooler_output")
 
 
 class BackboneNotAvailableError(OSError):
@@ -148,12 +158,60 @@ def _model_type(model: nn.Module) -> str:
     return config.model_type
 
 
+class CLIPPoolerClassifier(nn.Module):
+    """A CLIP image classifier whose head reads ``pooler_output`` (the layer-normed CLS token), as Effort's
+    detector does. ``CLIPForImageClassification`` instead averages the patch tokens before the final layer
+    norm. Submodule names are those of ``CLIPForImageClassification`` (``vision_model``, ``classifier``), so
+    adapters and state dicts use the same keys.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.config = model.config
+        self.base_model_prefix = model.base_model_prefix  # read by PEFT's injection
+        self.vision_model = model.vision_model
+        self.classifier = model.classifier
+        self.num_labels = model.num_labels
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        pooled = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        logits = self.classifier(pooled.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def _with_pooling(model: nn.Module, pooling: str) -> nn.Module:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not one of {list(POOLINGS)}.")
+    if pooling == "model":
+        return model
+    if not (hasattr(model, "vision_model") and hasattr(model, "classifier")):
+        raise ValueError(
+            f"pooling='pooler_output' is implemented for CLIP backbones (CLIPForImageClassification), not "
+            f"{type(model).__name__}; use pooling='model'."
+        )
+    return CLIPPoolerClassifier(model)
+
+
 def build_detector(
     backbone: str,
     masm_config: MASMConfig | PeftConfig | None = None,
     *,
     torch_dtype: torch.dtype | None = None,
     decompose: bool = True,
+    pooling: str = "model",
 ) -> PeftModel:
     """A trainable detector: ``backbone`` (Hub id, local path or offline alias) + 2-way head + adapter.
 
@@ -161,8 +219,9 @@ def build_detector(
     (e.g. ``LoraConfig`` for a baseline) works too. The head always trains and is saved with the adapter
     (``modules_to_save``). With ``decompose=True`` MASM's SVD runs now, once, before any data-parallel
     wrapping. The adapter config records ``backbone`` as given (so an alias stays an alias).
+    ``pooling="pooler_output"`` (CLIP) feeds the head the layer-normed CLS token, as Effort does.
     """
-    model = load_base_classifier(backbone, torch_dtype=torch_dtype)
+    model = _with_pooling(load_base_classifier(backbone, torch_dtype=torch_dtype), pooling)
     config = masm_config if masm_config is not None else MASMConfig()
     if config.target_modules is None:
         config.target_modules = default_target_modules(_model_type(model))
@@ -215,7 +274,8 @@ def load_detector(
         raise ValueError(
             f"{folder}/adapter_config.json names no base_model_name_or_path; pass base_model=..."
         )
-    model = load_base_classifier(base, torch_dtype=torch_dtype)
+    pooling = read_detector_config(folder).get("pooling", "model")
+    model = _with_pooling(load_base_classifier(base, torch_dtype=torch_dtype), pooling)
     peft_config = PeftConfig.from_pretrained(str(folder))
     peft_model = PeftModel.from_pretrained(model, str(folder), config=peft_config)
     peft_model.eval()
@@ -230,6 +290,84 @@ def load_detector(
     else:
         processor = load_image_processor(base, image_size=image_size)
     return peft_model, processor
+
+
+def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``detector_config.json`` saved beside a detector's adapter (``{}`` when there is none)."""
+    from .hub import DETECTOR_CONFIG_NAME
+
+    path = Path(folder) / DETECTOR_CONFIG_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pooling_of(model: nn.Module) -> str:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "pooler_output" if isinstance(inner, CLIPPoolerClassifier) else "model"
+
+
+def save_detector(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    image_processor: Any = None,
+    training_config: dict[str, Any] | None = None,
+    eval_results: dict[str, dict[str, Any]] | None = None,
+    repo_id: str | None = None,
+    synthetic_benchmark: bool = False,
+) -> Path:
+    """Save a detector as one folder: adapter-only weights (``save_pretrained``), image processor, training
+    config, ``detector_config.json`` (the head's pooling) and this package's model card.
+
+    The folder is written beside ``save_directory`` first and moved into place when complete, so an
+    interrupted save never leaves a half-written detector. ``load_detector`` reads it back.
+    """
+    from .hub import DETECTOR_CONFIG_NAME, save_adapter_card
+
+    target = Path(save_directory)
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    if image_processor is not None:
+        image_processor.save_pretrained(str(tmp))
+    (tmp / DETECTOR_CONFIG_NAME).write_text(json.dumps({"pooling": _pooling_of(model)}, indent=2) + "\n")
+    config = json.loads((tmp / "adapter_config.json").read_text())
+    base = card_base_model(str(config.get("base_model_name_or_path") or ""))
+    save_adapter_card(
+        tmp,
+        base_model=base,
+        training_config=training_config,
+        eval_results=eval_results,
+        synthetic_benchmark=synthetic_benchmark,
+        base_model_class="AutoModelForImageClassification",
+        repo_id=repo_id,
+    )
+    _replace_folder(tmp, target)
+    return target
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Move a finished ``tmp`` folder to ``final``; an older ``final`` is removed only after that."""
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def push_detector_to_hub(
+    save_directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
+    """Upload a folder written by :func:`save_detector` (adapter files, configs, card); returns the commit URL.
+
+    The token comes from ``token``, ``HF_TOKEN`` or the login cache and is never printed.
+    """
+    from .hub import push_adapter_to_hub
+
+    return push_adapter_to_hub(save_directory, repo_id, token=token, private=private)
 
 
 def _native_size(model: nn.Module) -> int | None:

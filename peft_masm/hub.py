@@ -31,6 +31,8 @@ DEFAULT_TEMPLATE_PATH: Path = Path(
     str(importlib.resources.files("peft_masm") / "templates" / "model_card.md")
 )
 TRAINING_CONFIG_NAME = "training_config.yaml"
+DETECTOR_CONFIG_NAME = "detector_config.json"
+PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 REQUIRED_ADAPTER_FILES: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 BASE_TAGS: tuple[str, ...] = (
     "peft",
@@ -257,7 +259,8 @@ def resolve_token(token: str | None = None) -> str:
 
 
 def adapter_upload_patterns(local_dir: str | Path) -> list[str]:
-    """The files of ``local_dir`` to upload: the adapter, its card and (if present) its training config."""
+    """The files of ``local_dir`` to upload: the adapter, its card and (if present) its training, detector and
+    image-processor configs."""
     folder = Path(local_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory; pass the folder given to save_pretrained.")
@@ -269,7 +272,8 @@ def adapter_upload_patterns(local_dir: str | Path) -> list[str]:
             else "call save_pretrained()"
         )
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; {hint} first.")
-    extra = [TRAINING_CONFIG_NAME] if (folder / TRAINING_CONFIG_NAME).is_file() else []
+    optional = (TRAINING_CONFIG_NAME, DETECTOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME)
+    extra = [name for name in optional if (folder / name).is_file()]
     return [*REQUIRED_ADAPTER_FILES, *extra]
 
 

@@ -1,31 +1,41 @@
-"""Train a deepfake detector (MASM or a LoRA baseline) with accelerate.
+"""Train a deepfake detector (MASM or a PEFT LoRA baseline) with accelerate.
 
     accelerate launch recipes/train.py --config recipes/configs/<name>.yaml [--key value ...]
+    python recipes/train.py --help          # every field, with its type, default and help
 
-Every field of :class:`recipe_config.TrainConfig` can be overridden on the command line
-(``--learning_rate 1e-4``, ``--masm.num_subspaces 2``). One GPU, several GPUs, FSDP or several nodes:
-pick an accelerate config from ``recipes/accelerate_configs/`` (see recipes/README.md).
+Every field of ``peft_masm.recipe.config.TrainConfig`` can be overridden on the command line
+(``--learning_rate 1e-4``, ``--masm.num_subspaces 2``). One GPU, several GPUs, FSDP or several nodes: pick
+an accelerate config from ``recipes/accelerate_configs/`` (see recipes/README.md).
+
+The script reads top to bottom: configuration -> output folder -> backbone, detector and data ->
+optimizer, scheduler and ``accelerator.prepare`` -> resume -> the training loop (one
+``peft_masm.TrainingStep`` per batch, validation each epoch on held-out people of the training domain)
+-> the best-on-validation detector saved with its model card, scored on the test sets, pushed if asked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peft_masm.recipe.config import ConfigError, TrainConfig, load_config
+from peft_masm.recipe.config import ConfigError, TrainConfig, format_help, load_config
 
 CHECKPOINT_PREFIX = "step_"
+RUN_FILE = "run_config.json"  # in every checkpoint: the run's identity fields and their hash
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------------------------- tracking
 class JSONLTracker:
     """A dependency-free accelerate tracker: one JSON object per ``log`` call in ``metrics.jsonl``."""
 
@@ -45,10 +55,10 @@ class JSONLTracker:
         (self.path.parent / "run_config.json").write_text(json.dumps(values, indent=2, default=str))
 
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
-        row = {
-            "step": step,
-            **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()},
-        }
+        row = {"step": step}
+        row.update(
+            {k: float(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in values.items()}
+        )
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -56,7 +66,7 @@ class JSONLTracker:
         pass
 
 
-def _trackers(cfg: TrainConfig) -> list[Any]:
+def make_trackers(cfg: TrainConfig) -> list[Any]:
     from accelerate.tracking import GeneralTracker
 
     tracker_cls = type("JSONLTracker", (JSONLTracker, GeneralTracker), {})
@@ -69,27 +79,80 @@ def _trackers(cfg: TrainConfig) -> list[Any]:
     return out
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` folder to ``final``; an older ``final`` is removed only after that."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+# ------------------------------------------------------------------------------------- output folder
+def prepare_output_dir(cfg: TrainConfig, clear: bool) -> None:
+    """Refuse a non-empty ``output_dir`` unless resuming or ``--overwrite_output_dir`` (transformers' rule).
+
+    With ``overwrite_output_dir`` the old run's checkpoints and logs are removed first (by the process
+    given ``clear=True``), so that neither checkpoint rotation nor ``--resume_from_checkpoint latest`` can
+    mix the two runs.
+    """
+    out = Path(cfg.output_dir)
+    if not out.exists() or not any(out.iterdir()) or cfg.resume_from_checkpoint:
+        return
+    if not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {out} already holds files (an earlier run?). Pass --overwrite_output_dir to replace that "
+            "run, --resume_from_checkpoint latest to continue it, or choose another --output_dir."
+        )
+    if not clear:
+        return
+    for name in ("checkpoints", "adapter", "metrics.jsonl", "run_config.json", "results.json", "results.md"):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    found = [
-        p
-        for p in root.glob(f"{CHECKPOINT_PREFIX}*")
-        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
+def run_hash(cfg: TrainConfig) -> str:
+    """A hash of the fields that define what the run trains (not where it writes)."""
+    identity = json.dumps(cfg.run_identity(), sort_keys=True, default=str)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def list_checkpoints(root: Path, only_hash: str | None = None) -> list[Path]:
+    """Checkpoint folders under ``root`` by step; ``only_hash`` keeps those written by that run."""
+    found = []
+    for path in root.glob(f"{CHECKPOINT_PREFIX}*") if root.is_dir() else []:
+        if path.is_dir() and path.name[len(CHECKPOINT_PREFIX) :].isdigit():
+            if only_hash is None or _checkpoint_run(path).get("hash") == only_hash:
+                found.append(path)
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def _checkpoint_run(path: Path) -> dict[str, Any]:
+    file = path / RUN_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def check_checkpoint_belongs(path: Path, cfg: TrainConfig, log: Any) -> None:
+    """Raise if checkpoint ``path`` was written by a run with another configuration (warn for batch size,
+    learning rate or epochs, which may change on resume)."""
+    saved = _checkpoint_run(path)
+    if not saved:
+        raise ConfigError(
+            f"{path} has no {RUN_FILE}: it was not written by this recipe; cannot check what it trains."
+        )
+    if saved.get("hash") == run_hash(cfg):
+        return
+    current, before = cfg.run_identity(), saved.get("identity", {})
+    differ = sorted(k for k in set(current) | set(before) if current.get(k) != before.get(k))
+    hard = [k for k in differ if k not in ("batch_size", "learning_rate", "epochs")]
+    if hard:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in hard[:6])
+        raise ConfigError(
+            f"checkpoint {path} belongs to a run with another configuration ({detail}). Resume with the same "
+            "config, or start a new run in another --output_dir (or --overwrite_output_dir)."
+        )
+    for key in differ:
+        warnings.warn(
+            f"resuming with {key} {before.get(key)!r} -> {current.get(key)!r}", UserWarning, stacklevel=2
+        )
+        log(f"warning: resuming with {key} {before.get(key)!r} -> {current.get(key)!r}")
+
+
+# -------------------------------------------------------------------------------------------- state
 class TrainState:
     """Progress saved with every checkpoint (accelerate's ``register_for_checkpointing``)."""
 
@@ -108,100 +171,156 @@ class TrainState:
             setattr(self, key, value)
 
 
-def _peft_config(cfg: TrainConfig) -> Any:
-    if cfg.method == "masm":
-        from peft_masm import MASMConfig
-
-        return MASMConfig(**cfg.masm)
-    from peft import LoraConfig
-
-    return LoraConfig(**cfg.lora)
-
-
-def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.lr_scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
 
-def _check_hub(cfg: TrainConfig) -> None:
-    if cfg.push_to_hub:
-        from peft_masm.hub import resolve_token
+def classification_loss(
+    model: torch.nn.Module, batch: dict[str, Any], class_weights: torch.Tensor | None
+) -> Any:
+    """Cross-entropy of the detector's logits (the regularisers are added by ``TrainingStep``)."""
+    from peft_masm.detector import forward_logits
 
-        resolve_token()  # raises a clear error (without any token text) before training starts
+    device = next(model.parameters()).device
+    logits = forward_logits(model, batch["pixel_values"].to(device)).float()
+    return torch.nn.functional.cross_entropy(logits, batch["labels"].to(device), weight=class_weights)
 
 
-# ------------------------------------------------------------------------------------------------- main
-def train(cfg: TrainConfig) -> dict[str, Any]:
+# ---------------------------------------------------------------------------- adapter-only checkpoints
+def save_adapter_state(
+    accelerator: Any, adapter_only: bool, models: list, weights: list, output_dir: str
+) -> None:
+    """accelerate save hook: checkpoints hold the adapter, not the frozen backbone (except under FSDP)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if not adapter_only:
+        return
+    if accelerator.is_main_process:
+        state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
+        save_file(state, os.path.join(output_dir, "adapter_state.safetensors"))
+    weights.clear()
+
+
+def load_adapter_state(accelerator: Any, adapter_only: bool, models: list, input_dir: str) -> None:
+    """accelerate load hook, the counterpart of :func:`save_adapter_state`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if adapter_only:
+        unwrapped = accelerator.unwrap_model(models.pop())
+        set_peft_model_state_dict(unwrapped, load_file(os.path.join(input_dir, "adapter_state.safetensors")))
+
+
+def save_checkpoint(accelerator: Any, state: TrainState, cfg: TrainConfig) -> Path:
+    """``accelerator.save_state`` into a temporary folder, renamed when complete; rotates this run's checkpoints."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        identity = {"hash": run_hash(cfg), "identity": cfg.run_identity()}
+        (tmp / RUN_FILE).write_text(json.dumps(identity, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if cfg.checkpoints_total_limit:
+            for old in list_checkpoints(root, only_hash=run_hash(cfg))[: -cfg.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(cfg: TrainConfig, log: Any) -> Path | None:
+    """The checkpoint to resume from (``latest`` or a path), checked to belong to this configuration."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    root = Path(cfg.output_dir) / "checkpoints"
+    if cfg.resume_from_checkpoint == "latest":
+        found = list_checkpoints(root)
+        if not found:
+            log(f"no checkpoint under {root}; starting from scratch")
+            return None
+        path = found[-1]
+    else:
+        path = Path(cfg.resume_from_checkpoint)
+        if not path.is_dir():
+            raise ConfigError(f"resume_from_checkpoint: {path} is not a checkpoint folder (or use 'latest').")
+    check_checkpoint_belongs(path, cfg, log)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ training
+def training_function(cfg: TrainConfig) -> dict[str, Any]:
     """Run the recipe; returns a summary (paths, best validation metric, test results)."""
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    import peft_masm
-    from peft_masm.detector import build_detector, forward_logits, load_image_processor
+    from peft_masm.data import collate
+    from peft_masm.detector import build_detector, load_image_processor, save_detector
+    from peft_masm.evaluation import predict
+    from peft_masm.metrics import compute_detection_metrics
+    from peft_masm.recipe.data import build_data
+    from peft_masm.training import TrainingStep, maybe_masm_model
 
-    out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    adapter_dir = out_dir / "adapter"
-    _check_hub(cfg)
+    if cfg.push_to_hub:
+        from peft_masm.hub import resolve_token
+
+        resolve_token()  # a clear error (without any token text) before training starts
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.cpu,
-        log_with=_trackers(cfg) or None,
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir)),
+        log_with=make_trackers(cfg) or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     log = accelerator.print
+    prepare_output_dir(cfg, clear=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    resume_path = resolve_resume(cfg, log)
+    if resume_path is None and accelerator.is_main_process:
+        (Path(cfg.output_dir) / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
     set_seed(cfg.seed)
 
-    # Everything that can fail on bad input happens here, before any training step.
+    # Backbone and detector first (a bad adapter setting fails here, before the data is built).
+    log(f"[1/4] backbone {cfg.backbone!r} (offline aliases are prepared from packaged weights on first use)")
     with accelerator.main_process_first():
-        log(
-            f"[1/4] backbone {cfg.backbone!r} (offline aliases are prepared from packaged weights on first use)"
-        )
         processor = load_image_processor(cfg.backbone, cfg.image_size)
-        from peft_masm.recipe.data import build_data, collate
-
-        log(
-            f"[2/4] data: {cfg.data}"
-            + (
-                " (packaged real faces + synthesised forgeries)"
-                if cfg.data == "synthetic"
-                else f" from {cfg.train_path}"
-            )
-        )
-        data = build_data(cfg, processor)
-        log(
-            f"      train {len(data.train)}, validation {len(data.val)}, test sets: "
-            + (", ".join(f"{k} ({len(v)})" for k, v in data.tests.items()) or "none")
-        )
-    log(f"[3/4] detector: {cfg.method} on {cfg.backbone}")
-    peft_model = build_detector(cfg.backbone, _peft_config(cfg))  # MASM's SVD runs here, once, on every rank
-    is_masm = cfg.method == "masm"
-    masm = peft_model.base_model if is_masm else None
+    log(f"[2/4] detector: {cfg.method} on {cfg.backbone} (pooling: {cfg.pooling})")
+    peft_model = build_detector(cfg.backbone, cfg.adapter_config(), pooling=cfg.pooling)  # SVD once per rank
+    masm = maybe_masm_model(peft_model)
     if accelerator.is_main_process:
         peft_model.print_trainable_parameters()
-
-    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        logits = forward_logits(model, batch["pixel_values"]).float()
-        task = torch.nn.functional.cross_entropy(
-            logits, batch["labels"].to(logits.device), weight=class_weights
+    with accelerator.main_process_first():
+        source = (
+            " (packaged real faces + synthesised forgeries)"
+            if cfg.data == "synthetic"
+            else f" {cfg.train_path}"
         )
-        return task + masm.regularization_loss()["total"] if is_masm else task
+        log(f"[3/4] data: {cfg.data}{source}")
+        data = build_data(cfg, processor)
+    tests = ", ".join(f"{name} ({len(ds)})" for name, ds in data.tests.items()) or "none"
+    log(f"      train {len(data.train)}, validation {len(data.val)}, test sets: {tests}")
 
     counts = torch.bincount(torch.tensor(data.train_labels), minlength=2).float()
-    class_weights = (counts.sum() / (2 * counts)) if cfg.balance_classes else None
+    class_weights = (counts.sum() / (2 * counts)).to(accelerator.device) if cfg.balance_classes else None
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
         data.train,
@@ -210,196 +329,117 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         collate_fn=collate,
         num_workers=cfg.num_workers,
         generator=generator,
-        drop_last=False,
     )
-    if (
-        is_masm
-        and peft_model.peft_config["default"].layer_mask == "static"
-        and cfg.resume_from_checkpoint is None
-    ):
-        calib = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
-        peft_masm.calibrate_layer_mask(peft_model, calib, loss_fn, num_batches=cfg.mask_calibration_batches)
-
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
-    scheduler = _scheduler(cfg, optimizer, total_steps)
-    if class_weights is not None:
-        class_weights = class_weights.to(accelerator.device)
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(
         peft_model, optimizer, train_loader, scheduler
     )
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    if is_masm:
+    if masm is not None:
         accelerator.register_for_checkpointing(masm.layer_mask)
-
-    # Checkpoints hold the adapter only (not the frozen backbone), except under FSDP (sharded parameters).
-    from accelerate.utils import DistributedType
-
     adapter_only = accelerator.distributed_type != DistributedType.FSDP
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if adapter_only and accelerator.is_main_process:
-            save_file(
-                get_peft_model_state_dict(accelerator.unwrap_model(models[0])),
-                os.path.join(output_dir, "adapter_state.safetensors"),
-            )
-        if adapter_only:
-            while weights:
-                weights.pop()
-
-    def load_hook(models: list, input_dir: str) -> None:
-        if adapter_only:
-            unwrapped = accelerator.unwrap_model(models.pop())
-            state_dict = load_file(os.path.join(input_dir, "adapter_state.safetensors"))
-            set_peft_model_state_dict(unwrapped, state_dict)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    def save_checkpoint() -> Path:
-        final = ckpt_root / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        tmp = ckpt_root / f".tmp-{final.name}"
-        if accelerator.is_main_process:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _atomic_replace(tmp, final)
-            if cfg.checkpoints_total_limit:
-                for old in _checkpoints(ckpt_root)[: -cfg.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return final
-
-    def save_adapter(target: Path) -> None:
-        """Adapter-only ``save_pretrained`` (atomic) with the processor used in training."""
-        if not accelerator.is_main_process:
-            return
-        tmp = target.with_name(f".tmp-{target.name}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(tmp))
-        processor.save_pretrained(str(tmp))
-        from peft_masm.hub import save_training_config
-
-        save_training_config(tmp, cfg.to_dict())
-        _atomic_replace(tmp, target)
-
-    # Resume.
-    if cfg.resume_from_checkpoint:
-        if cfg.resume_from_checkpoint == "latest":
-            found = _checkpoints(ckpt_root) if ckpt_root.is_dir() else []
-            path = found[-1] if found else None
-            if path is None:
-                log(f"no checkpoint under {ckpt_root}; starting from scratch")
-        else:
-            path = Path(cfg.resume_from_checkpoint)
-            if not path.is_dir():
-                raise ConfigError(
-                    f"resume_from_checkpoint: {path} is not a checkpoint folder (or use 'latest')."
-                )
-        if path is not None:
-            accelerator.load_state(str(path))
-            log(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
+    accelerator.register_save_state_pre_hook(partial(save_adapter_state, accelerator, adapter_only))
+    accelerator.register_load_state_pre_hook(partial(load_adapter_state, accelerator, adapter_only))
+    step = TrainingStep(
+        model,
+        optimizer,
+        partial(classification_loss, class_weights=class_weights),
+        accelerator=accelerator,
+        scheduler=scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        on_non_finite=cfg.on_non_finite,
+        masm_model=masm,
+    )
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        step.optimizer_steps = state.global_step
+        log(f"resumed from {resume_path} (step {state.global_step}, epoch {state.epoch})")
+    if (
+        masm is not None
+        and masm.peft_config["default"].layer_mask == "static"
+        and not masm.layer_mask.calibrated
+    ):
+        # The same unsharded batches on every rank: every rank takes the same decision.
+        calibration = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
+        step.calibrate(calibration, cfg.mask_calibration_batches)
 
     log(
-        f"[4/4] training {cfg.epochs} epoch(s), {steps_per_epoch} optimizer steps each, on {accelerator.num_processes} "
-        f"process(es) ({accelerator.device})"
+        f"[4/4] training {cfg.epochs} epoch(s), {steps_per_epoch} optimizer steps each, on "
+        f"{accelerator.num_processes} process(es) ({accelerator.device})"
     )
-    accelerator.init_trackers(
-        "masm", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-    )
+    scalars = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers("masm", config=scalars)
     progress = tqdm(
-        total=total_steps,
-        initial=state.global_step,
-        disable=not accelerator.is_local_main_process,
-        desc="train",
+        total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process
     )
     t0 = time.time()
     stopped = False
+    adapter_dir = Path(cfg.output_dir) / "adapter"
     model.train()
     while state.epoch < cfg.epochs and not stopped:
         train_loader.set_epoch(state.epoch)
-        loader = (
-            accelerator.skip_first_batches(train_loader, state.step_in_epoch)
-            if state.step_in_epoch
-            else train_loader
-        )
+        skip = state.step_in_epoch
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         running, seen = 0.0, 0
         for batch in loader:
-            with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if is_masm:
-                        masm.update_layer_mask()
-                    if cfg.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            out = step(batch)
             state.step_in_epoch += 1
-            running += float(loss.detach())
+            running += out.loss
             seen += 1
-            if not accelerator.sync_gradients:
+            if not out.optimizer_step:
                 continue
             state.global_step += 1
             progress.update(1)
             if state.global_step % cfg.logging_steps == 0:
-                accelerator.log(
-                    {
-                        "train/loss": running / seen,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "epoch": state.epoch,
-                    },
-                    step=state.global_step,
-                )
+                row = {
+                    "train/loss": running / seen,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "epoch": state.epoch,
+                }
+                row.update({f"train/{k}": v for k, v in out.regularization.items()})
+                accelerator.log(row, step=state.global_step)
                 progress.set_postfix(loss=f"{running / seen:.4f}")
                 running, seen = 0.0, 0
-            if cfg.checkpointing_steps and state.global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint()
+            due = bool(cfg.checkpointing_steps) and state.global_step % (cfg.checkpointing_steps or 1) == 0
+            if due:
+                save_checkpoint(accelerator, state, cfg)
             if cfg.stop_after_step is not None and state.global_step >= cfg.stop_after_step:
-                if not (cfg.checkpointing_steps and state.global_step % cfg.checkpointing_steps == 0):
-                    save_checkpoint()
+                if not due:
+                    save_checkpoint(accelerator, state, cfg)
                 stopped = True
                 break
         if stopped:
             break
-        # End of epoch: validate on the held-out split of the training domain.
-        from peft_masm.evaluation import predict
-
-        labels, scores, vids, val_loss = predict(
-            model, data.val, cfg.eval_batch_size, accelerator=accelerator
-        )
-        from peft_masm.metrics import compute_detection_metrics
-
+        # End of epoch: validate on the held-out split of the training domain (never on a test set).
+        labels, scores, _, val_loss = predict(model, data.val, cfg.eval_batch_size, accelerator=accelerator)
         val_auc = compute_detection_metrics(labels, scores, n_bootstrap=0)["frame_auc"]
         metric = val_auc if cfg.metric_for_best == "auc" else -val_loss
         accelerator.log(
             {"val/auc": val_auc, "val/loss": val_loss, "epoch": state.epoch}, step=state.global_step
         )
         improved = state.best_metric is None or metric > state.best_metric
+        best = " (best so far)" if improved else ""
         log(
-            f"epoch {state.epoch}: val AUC {val_auc:.4f}, val loss {val_loss:.4f}"
-            f"{' (best so far)' if improved else ''} [{time.time() - t0:.0f}s]"
+            f"epoch {state.epoch}: val AUC {val_auc:.4f}, val loss {val_loss:.4f}{best} [{time.time() - t0:.0f}s]"
         )
         if improved:
             state.best_metric, state.best_epoch = float(metric), state.epoch
-            save_adapter(adapter_dir)
+            if accelerator.is_main_process:
+                save_detector(accelerator.unwrap_model(model), adapter_dir, image_processor=processor,
+                              training_config=cfg.to_dict(), synthetic_benchmark=cfg.data == "synthetic",
+                              repo_id=cfg.hub_model_id)  # fmt: skip
         accelerator.wait_for_everyone()
         state.epoch += 1
         state.step_in_epoch = 0
-        save_checkpoint()
+        save_checkpoint(accelerator, state, cfg)
     progress.close()
     summary: dict[str, Any] = {
-        "output_dir": str(out_dir),
+        "output_dir": cfg.output_dir,
         "stopped_early": stopped,
         "global_step": state.global_step,
     }
@@ -413,110 +453,115 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         best_epoch=state.best_epoch, best_val_metric=state.best_metric, adapter_dir=str(adapter_dir)
     )
     if accelerator.is_main_process:
-        summary.update(_finish(cfg, accelerator.unwrap_model(model), data, adapter_dir, out_dir, log))
+        summary.update(finish(cfg, accelerator.unwrap_model(model), data, processor, log))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def _finish(
-    cfg: TrainConfig, model: torch.nn.Module, data: Any, adapter_dir: Path, out_dir: Path, log: Any
-) -> dict[str, Any]:
-    """Main process: mask heatmap, test-set evaluation of the best adapter, model card, Hub push."""
+def finish(cfg: TrainConfig, model: torch.nn.Module, data: Any, processor: Any, log: Any) -> dict[str, Any]:
+    """Main process: mask heatmap, test-set scores of the best-on-validation adapter, model card, Hub push."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from peft_masm.detector import card_base_model
-    from peft_masm.hub import push_adapter_to_hub, save_adapter_card
+    from peft_masm.detector import push_detector_to_hub, save_detector
+    from peft_masm.evaluation import score_sets
+    from peft_masm.training import maybe_masm_model
 
+    out_dir, adapter_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "adapter"
     written: dict[str, Any] = {}
-    if cfg.method == "masm" and cfg.plot_mask and model.peft_config["default"].layer_mask != "none":
-        from peft_masm import plot_mask_history
+    masm = maybe_masm_model(model)
+    if masm is not None and cfg.plot_mask and masm.peft_config["default"].layer_mask != "none":
+        from peft_masm.visualization import plot_mask_history
 
         written["mask_plot"] = str(plot_mask_history(model, out_dir / "mask_history.png"))
-    # Evaluate the checkpoint chosen on validation (never on a test set).
     set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     results = None
     if data.tests:
-        from peft_masm.evaluation import score_sets
-
-        log("evaluating the best-on-validation adapter on the test sets:")
-        results = score_sets(
-            model,
-            data.tests,
-            out_dir,
-            cfg.eval_batch_size,
-            cfg.n_bootstrap,
-            cfg.seed,
-            log=log,
-            subsets=data.test_subsets,
-        )
+        log("scoring the best-on-validation adapter on the test sets:")
+        results = score_sets(model, data.tests, out_dir, cfg.eval_batch_size, cfg.n_bootstrap, cfg.seed, log=log,
+                             subsets=data.test_subsets)  # fmt: skip
         written.update(
             results_json=str(out_dir / "results.json"),
             results_md=str(out_dir / "results.md"),
             roc_plot=str(out_dir / "roc.png"),
             results=results,
         )
-    save_adapter_card(
-        adapter_dir,
-        base_model=card_base_model(cfg.backbone),
-        training_config=cfg.to_dict(),
-        eval_results=results,
-        datasets=None,
-        synthetic_benchmark=cfg.data == "synthetic",
-        base_model_class="AutoModelForImageClassification",
-        repo_id=cfg.hub_model_id,
-    )
+    save_detector(model, adapter_dir, image_processor=processor, training_config=cfg.to_dict(),
+                  eval_results=results, synthetic_benchmark=cfg.data == "synthetic", repo_id=cfg.hub_model_id)  # fmt: skip
     written["model_card"] = str(adapter_dir / "README.md")
     if cfg.push_to_hub:
-        url = push_adapter_to_hub(adapter_dir, cfg.hub_model_id, private=cfg.hub_private)
-        written["hub_commit"] = url
-        log(f"pushed the adapter to {cfg.hub_model_id}: {url}")
+        assert cfg.hub_model_id is not None  # checked when the config was parsed
+        written["hub_commit"] = push_detector_to_hub(adapter_dir, cfg.hub_model_id, private=cfg.hub_private)
+        log(f"pushed the adapter to {cfg.hub_model_id}: {written['hub_commit']}")
     return written
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def split_config_argument(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``(--config path, the other arguments)``."""
+    rest = list(argv)
+    for i, arg in enumerate(rest):
+        if arg == "--config":
+            if i + 1 >= len(rest):
+                raise ConfigError("--config needs a path, e.g. --config recipes/configs/demo.yaml")
+            path = rest[i + 1]
+            del rest[i : i + 2]
+            return path, rest
+        if arg.startswith("--config="):
+            del rest[i]
+            return arg.split("=", 1)[1], rest
+    return None, rest
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            print("error: --config needs a path, e.g. --config recipes/configs/demo.yaml", file=sys.stderr)
-            return 2
-        config_path = argv[i + 1]
-        del argv[i : i + 2]
-    elif any(a.startswith("--config=") for a in argv):
-        i = next(i for i, a in enumerate(argv) if a.startswith("--config="))
-        config_path = argv.pop(i).split("=", 1)[1]
+    if "-h" in argv or "--help" in argv:
+        print(format_help())
+        return 0
     from peft_masm.data import DataError
     from peft_masm.detector import BackboneNotAvailableError
     from peft_masm.hub import AdapterPushError
 
     try:
-        cfg = load_config(config_path, argv)
-        summary = train(cfg)
+        config_path, overrides = split_config_argument(argv)
+        if config_path is None:
+            print(format_help().split("\n\n")[0], file=sys.stderr)
+            print(
+                "error: --config is required (examples in recipes/configs/; --help lists every field)",
+                file=sys.stderr,
+            )
+            return 2
+        cfg = load_config(config_path, overrides)
+        summary = training_function(cfg)
     except (ConfigError, DataError, BackboneNotAvailableError, AdapterPushError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not summary.get("stopped_early") and "adapter_dir" in summary and _is_main():
-        _print_summary(summary)
+    except ValueError as err:  # a bad adapter setting found at injection (e.g. K*k above a layer's rank)
+        if "MASM" not in str(err) and "K*k" not in str(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not summary.get("stopped_early") and "adapter_dir" in summary and _is_main_process():
+        print_summary(summary)
     return 0
 
 
-def _is_main() -> bool:
+def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any]) -> None:
     print("\nDone. Outputs:")
     print(f"  adapter (best on validation, with model card): {summary['adapter_dir']}")
-    for key, label in (
-        ("results_json", "results"),
-        ("results_md", "results table"),
-        ("roc_plot", "ROC plot"),
-        ("mask_plot", "layer-mask heatmap"),
-        ("hub_commit", "Hub commit"),
-    ):
+    labels = {
+        "results_json": "results",
+        "results_md": "results table",
+        "roc_plot": "ROC plot",
+        "mask_plot": "layer-mask heatmap",
+        "hub_commit": "Hub commit",
+    }
+    for key, label in labels.items():
         if key in summary:
             print(f"  {label}: {summary[key]}")
 

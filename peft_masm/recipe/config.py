@@ -17,7 +17,15 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["ConfigError", "TestSetConfig", "TrainConfig", "load_config", "parse_overrides", "from_dict"]
+__all__ = [
+    "ConfigError",
+    "TestSetConfig",
+    "TrainConfig",
+    "format_help",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+]
 
 
 class ConfigError(ValueError):
@@ -39,94 +47,126 @@ class TestSetConfig:
     frames_per_video: int = 8
 
 
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with help text (``--help`` prints it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# Fields that say where and how a run is written, not what it trains: they may change on resume.
+BOOKKEEPING_FIELDS = frozenset(
+    {
+        "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "stop_after_step", "checkpointing_steps",
+        "checkpoints_total_limit", "logging_steps", "report_to", "plot_mask", "push_to_hub", "hub_model_id",
+        "hub_private", "num_workers", "eval_batch_size", "n_bootstrap", "test_sets",
+    }
+)  # fmt: skip
+# Fields whose change on resume is allowed with a warning (the run goes on, but not as it was planned).
+RESUME_WARN_FIELDS = frozenset({"batch_size", "learning_rate", "epochs"})
+
+
 @dataclass
 class TrainConfig:
-    """Everything ``recipes/train.py`` needs. See recipes/README.md for each group of fields."""
+    """Everything ``recipes/train.py`` needs; ``python recipes/train.py --help`` lists each field."""
 
     # model
-    backbone: str = "clip-vit-b16"  # Hub id, local folder, or offline alias (peft_masm.backbones)
-    method: Literal["masm", "lora"] = "masm"
-    masm: dict[str, Any] = field(default_factory=dict)  # MASMConfig fields
-    lora: dict[str, Any] = field(default_factory=dict)  # peft.LoraConfig fields (method: lora)
-    image_size: int | None = None  # None: the backbone processor's size
-    # data
-    data: Literal["synthetic", "deepfakebench", "folder", "manifest"] = "synthetic"
-    train_path: str | None = None  # DeepfakeBench JSON, folder or manifest
-    label_dict: str | None = None
-    compression: str | None = "c23"
-    dataset_name: str | None = None
-    data_root: str | None = None
-    train_split: str | None = "train"
-    val_split: str | None = "val"  # None: hold out val_fraction of the training videos
-    val_fraction: float = 0.1
-    frames_per_video: int = 8
-    face_detector: Literal["none", "auto", "mtcnn", "lbp"] = "none"  # crop faces of loaded data
-    on_error: Literal["raise", "skip"] = "raise"
-    max_train_samples: int | None = None
-    # synthetic cross-forgery benchmark (data: synthetic)
-    train_families: list[str] = field(default_factory=lambda: ["sbi", "colour_swap", "gan_upsample"])
-    test_families: list[str] = field(
-        default_factory=lambda: ["double_jpeg", "denoise_renoise", "spectral_peaks"]
+    backbone: str = _f("clip-vit-b16", "Hub id, local folder, or offline alias (clip-vit-b16, dinov2-s14).")
+    method: Literal["masm", "lora"] = _f("masm", "The adapter: MASM, or a PEFT LoRA baseline.")
+    masm: dict[str, Any] = _f(
+        {}, "MASMConfig fields (method: masm); `preset: effort|paper` starts from a preset."
     )
-    test_identities: list[str] = field(default_factory=lambda: ["carphone", "faceapi-s5", "astronaut"])
-    face_size: int = 224
-    fakes_per_face: int = 1
-    include_lfw: bool = True
-    carphone_frames: int = 24
+    lora: dict[str, Any] = _f({}, "peft.LoraConfig fields (method: lora).")
+    pooling: Literal["model", "pooler_output"] = _f(
+        "model",
+        "Head input: the transformers classifier's own ('model'; CLIP averages patch tokens) or the backbone's "
+        "pooler_output (CLIP's layer-normed CLS token, as Effort's detector reads).",
+    )
+    image_size: int | None = _f(None, "Input size in pixels; null: the backbone processor's size.")
+    # data
+    data: Literal["synthetic", "deepfakebench", "folder", "manifest"] = _f(
+        "synthetic",
+        "Training data: the offline synthetic benchmark, a DeepfakeBench JSON, a folder or a manifest.",
+    )
+    train_path: str | None = _f(None, "DeepfakeBench JSON, real/+fake/ folder, or CSV/JSONL manifest.")
+    label_dict: str | None = _f(None, "Label name -> 0/1 file for DeepfakeBench JSONs.")
+    compression: str | None = _f("c23", "FaceForensics++ compression level (c23, c40, raw).")
+    dataset_name: str | None = _f(None, "Dataset key inside a DeepfakeBench JSON (default: its only key).")
+    data_root: str | None = _f(None, "Folder the frame paths are relative to (default: found from the JSON).")
+    train_split: str | None = _f("train", "Split used for training.")
+    val_split: str | None = _f("val", "Validation split; null: hold out val_fraction of the training videos.")
+    val_fraction: float = _f(0.1, "Fraction of training videos (or faces) held out for validation.")
+    frames_per_video: int = _f(8, "Evenly spaced frames taken from each video.")
+    face_detector: Literal["none", "auto", "mtcnn", "lbp"] = _f("none", "Crop faces of loaded data first.")
+    on_error: Literal["raise", "skip"] = _f(
+        "raise", "Unreadable files: stop with an error, or skip and count."
+    )
+    max_train_samples: int | None = _f(None, "Use at most this many training samples.")
+    # synthetic cross-forgery benchmark (data: synthetic)
+    train_families: list[str] = _f(["sbi", "colour_swap", "gan_upsample"], "Forgery families trained on.")
+    test_families: list[str] = _f(
+        ["double_jpeg", "denoise_renoise", "spectral_peaks"], "Held-out forgery families (tested only)."
+    )
+    test_identities: list[str] = _f(
+        ["carphone", "faceapi-s5", "astronaut"], "Held-out identities (tested only)."
+    )
+    face_size: int = _f(224, "Face crop size in pixels of the synthetic benchmark.")
+    fakes_per_face: int = _f(1, "Fakes synthesised per real face and family.")
+    include_lfw: bool = _f(True, "Include scikit-image's LFW subset in the real-face corpus.")
+    carphone_frames: int = _f(24, "Frames taken from the carphone clip.")
     # test sets (evaluated with the best-on-validation adapter after training)
-    test_sets: list[dict[str, Any]] = field(default_factory=list)
-    n_bootstrap: int = 1000
+    test_sets: list[dict[str, Any]] = _f([], "Test sets: {name, kind, path, split, label_dict, ...} each.")
+    n_bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals of the test metrics.")
     # optimisation
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    optimizer: Literal["adam", "adamw"] = "adam"
-    learning_rate: float = 2e-4
-    weight_decay: float = 5e-4
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = None
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    cpu: bool = False  # force CPU (e.g. several CPU processes under `accelerate launch --multi_gpu`)
-    balance_classes: bool = True
-    seed: int = 42
-    num_workers: int = 0
-    mask_calibration_batches: int = 8  # layer_mask: static
+    epochs: int = _f(10, "Training epochs.")
+    batch_size: int = _f(32, "Per-process training batch size.")
+    eval_batch_size: int = _f(64, "Batch size for validation and test scoring.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    optimizer: Literal["adam", "adamw"] = _f("adam", "Optimizer (Effort uses Adam).")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(5e-4, "Weight decay.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = _f(
+        "cosine", "Learning-rate schedule after warm-up."
+    )
+    warmup_steps: int = _f(0, "Linear warm-up optimizer steps.")
+    max_grad_norm: float | None = _f(None, "Clip the gradient norm to this value; null: no clipping.")
+    on_non_finite: Literal["raise", "skip"] = _f(
+        "raise", "NaN/inf gradients: stop with an error naming the step, or skip the step with a warning."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision.")
+    cpu: bool = _f(False, "Force the CPU (e.g. several CPU processes under `accelerate launch --multi_gpu`).")
+    balance_classes: bool = _f(True, "Weight the loss by inverse class frequency.")
+    seed: int = _f(42, "Seed of everything (data order, synthesis, initialisation).")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    mask_calibration_batches: int = _f(8, "Batches of the static layer mask's calibration pass.")
     # bookkeeping
-    output_dir: str = "outputs/run"
-    checkpointing_steps: int | None = None  # also at the end of every epoch
-    checkpoints_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
-    stop_after_step: int | None = None  # stop (as if interrupted) after this step's checkpoint
-    metric_for_best: Literal["auc", "loss"] = "auc"
-    logging_steps: int = 10
-    report_to: list[str] = field(default_factory=lambda: ["json"])
-    plot_mask: bool = True
+    output_dir: str = _f("outputs/run", "Where the adapter, checkpoints and results go.")
+    overwrite_output_dir: bool = _f(False, "Allow a non-empty output_dir (its old checkpoints are removed).")
+    checkpointing_steps: int | None = _f(None, "Checkpoint every N optimizer steps (and at every epoch end).")
+    checkpoints_total_limit: int | None = _f(2, "Keep at most this many of this run's checkpoints.")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder of this run, or 'latest'.")
+    stop_after_step: int | None = _f(None, "Stop (as if interrupted) after this step's checkpoint.")
+    metric_for_best: Literal["auc", "loss"] = _f("auc", "Validation metric that chooses the best adapter.")
+    logging_steps: int = _f(10, "Log the training loss every N optimizer steps.")
+    report_to: list[str] = _f(["json"], "Trackers: json (metrics.jsonl), tensorboard, wandb, none.")
+    plot_mask: bool = _f(True, "Draw the layer-mask heatmap at the end (MASM with a mask).")
     # Hub
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = False
+    push_to_hub: bool = _f(False, "Upload the adapter, model card and config at the end.")
+    hub_model_id: str | None = _f(None, "Hub repository, org/name.")
+    hub_private: bool = _f(False, "Create the Hub repository as private.")
 
     def __post_init__(self) -> None:
         positive = (
-            "epochs",
-            "batch_size",
-            "eval_batch_size",
-            "gradient_accumulation_steps",
-            "face_size",
-            "fakes_per_face",
-            "frames_per_video",
-            "logging_steps",
-            "mask_calibration_batches",
-        )
+            "epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "face_size", "fakes_per_face",
+            "frames_per_video", "logging_steps", "mask_calibration_batches",
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         for name in ("warmup_steps", "n_bootstrap", "num_workers", "carphone_frames"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
@@ -145,23 +185,69 @@ class TrainConfig:
         ]
         for i, t in enumerate(self.test_sets):
             from_dict(TestSetConfig, t, where=f"test_sets[{i}]")
-        self._check_adapter_fields()
+        self.adapter_config()  # validates the masm: / lora: section now, before anything heavy loads
 
-    def _check_adapter_fields(self) -> None:
+    def adapter_config(self) -> Any:
+        """A new ``MASMConfig`` (method: masm) or ``peft.LoraConfig`` (method: lora) from its section.
+
+        Raises :class:`ConfigError` (one line, naming the field) for an unknown key or a bad value.
+        """
         if self.method == "masm":
+            from ..presets import PRESETS, preset_fields
             from ..tuner import MASMConfig
 
-            _check_keys(self.masm, MASMConfig, "masm")
-        else:
-            from peft import LoraConfig
+            fields = dict(self.masm)
+            preset = fields.pop("preset", None)
+            if preset is not None and preset not in PRESETS:
+                raise ConfigError(
+                    f"masm.preset: unknown preset {preset!r}; known presets: {sorted(PRESETS)}."
+                )
+            _check_keys(fields, MASMConfig, "masm")
+            fields = {**(preset_fields(preset) if preset else {}), **fields}
+            return _build(MASMConfig, fields, "masm")
+        from peft import LoraConfig
 
-            _check_keys(self.lora, LoraConfig, "lora")
+        _check_keys(self.lora, LoraConfig, "lora")
+        return _build(LoraConfig, dict(self.lora), "lora")
 
     def test_set_configs(self) -> list[TestSetConfig]:
         return [from_dict(TestSetConfig, t, where=f"test_sets[{i}]") for i, t in enumerate(self.test_sets)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def run_identity(self) -> dict[str, Any]:
+        """The fields that define what this run trains (everything but bookkeeping), for resume checks."""
+        return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS}
+
+
+def _build(cls: Any, fields: dict[str, Any], where: str) -> Any:
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{where}: {message}") from None
+
+
+def format_help(cls: type = TrainConfig, prog: str = "recipes/train.py") -> str:
+    """Usage and every field of ``cls`` with its type, default and help text."""
+    hints = typing.get_type_hints(cls)
+    lines = [
+        f"usage: accelerate launch {prog} --config CONFIG.yaml [--key value ...]",
+        "",
+        (cls.__doc__ or "").strip().splitlines()[0],
+        "Every field below can be set in the YAML file or overridden as --key value (adapter fields as",
+        "--masm.num_subspaces 2 or --lora.r 8).",
+        "",
+        "options:",
+        "  --config PATH                 the YAML recipe (required; examples in recipes/configs/)",
+        "  -h, --help                    show this help and exit",
+    ]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        head = f"  --{f.name} {_type_name(hints[f.name])}"
+        lines.append(f"{head}\n      {f.metadata.get('help', '')} (default: {default!r})")
+    return "\n".join(lines)
 
 
 def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:

@@ -207,7 +207,14 @@ def test_push_to_hub_uploads_adapter_card_and_config_without_printing_the_token(
         )
         assert result.returncode == 0, result.stderr[-3000:]
         files = sorted(hub.repos["test-org/tiny-masm"].files)
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_config.yaml"]
+    assert files == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "detector_config.json",
+        "preprocessor_config.json",
+        "training_config.yaml",
+    ]
     assert secret not in result.stdout + result.stderr
     assert "pushed the adapter to test-org/tiny-masm" in result.stdout
 

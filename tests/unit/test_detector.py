@@ -113,3 +113,34 @@ def test_lora_baseline_detector(tiny, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     torch.testing.assert_close(predict_proba(loaded, x), predict_proba(model, x))
+
+
+def test_pooler_output_head_reads_the_layer_normed_cls_token(tmp_path):
+    """Effort's classifier reads CLIP's pooler_output; pooling='pooler_output' gives exactly that."""
+    from peft_masm.detector import load_detector, save_detector
+
+    tiny = save_tiny_clip(tmp_path / "clip")
+    model = build_detector(str(tiny), MASMConfig(num_subspaces=1, subspace_rank=1), pooling="pooler_output")
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    inner = model.get_base_model()
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+        expected = inner.classifier(inner.vision_model(pixel_values=x).pooler_output)
+        default = build_detector(str(tiny), MASMConfig(num_subspaces=1, subspace_rank=1)).eval()(
+            pixel_values=x
+        )
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, default.logits)  # the transformers head averages patch tokens instead
+    save_detector(model, tmp_path / "det")
+    loaded, _ = load_detector(tmp_path / "det")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, logits)
+    assert (tmp_path / "det" / "README.md").read_text().count("import peft_masm") >= 1
+
+
+def test_pooler_output_is_refused_for_a_backbone_without_it(tmp_path):
+    from peft_masm.detector import _with_pooling  # noqa: PLC2701  (tested directly)
+
+    with pytest.raises(ValueError, match="pooling='pooler_output' is implemented for CLIP"):
+        _with_pooling(torch.nn.Linear(2, 2), "pooler_output")

@@ -91,14 +91,12 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.output_dir
-    if cfg.method == "masm":
-        from peft_masm import MASMConfig
+    config = cfg.adapter_config()  # field values valid too, presets resolved
+    if path.name == "effort.yaml":
+        from peft_masm.presets import masm_config
 
-        MASMConfig(**cfg.masm)  # field values valid too
-    else:
-        from peft import LoraConfig
-
-        LoraConfig(**cfg.lora)
+        assert config.to_dict() == masm_config("effort").to_dict()
+        assert cfg.pooling == "pooler_output" and cfg.lr_scheduler == "constant"
 
 
 @pytest.mark.parametrize(
@@ -109,3 +107,28 @@ def test_accelerate_configs_load(path):
 
     config = load_config_from_file(str(path))
     assert config.num_processes >= 1 and config.distributed_type is not None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--masm.layer_mask", "dynamc"], "masm: MASMConfig.layer_mask='dynamc' is not one of"),
+        (["--masm.subspace_rank", "0"], "masm: MASMConfig.subspace_rank must be a positive integer"),
+        (["--masm.preset", "efort"], "masm.preset: unknown preset 'efort'"),
+        (["--masm.num_subspace", "2"], "unknown key 'num_subspace' in masm. Did you mean 'num_subspaces'"),
+    ],
+)
+def test_bad_adapter_values_fail_at_parse_time_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_presets_are_the_single_definition():
+    from peft_masm.presets import PRESETS, masm_config
+
+    cfg = load_config(None, ["--masm.preset", "effort", "--masm.partition", "contiguous"])
+    config = cfg.adapter_config()
+    assert (config.num_subspaces, config.subspace_rank, config.layer_mask) == (1, 1, "none")
+    assert config.partition == "contiguous"  # the section overrides the preset
+    assert masm_config("paper").layer_mask == PRESETS["paper"]["layer_mask"]

@@ -1,0 +1,95 @@
+"""recipes/train.py as a user meets it: --help, a missing --config, clean one-line errors, a reused output_dir,
+a checkpoint of another run. None of these trains (each fails or exits before the first step)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from recipe_fixtures import PYTHON, RECIPES, env, write_config
+
+TRAIN = str(RECIPES / "train.py")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, TRAIN, *args], capture_output=True, text=True, timeout=240, env=env())
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_field_with_type_default_and_help(flag):
+    from dataclasses import fields
+
+    from peft_masm.recipe.config import TrainConfig
+
+    result = _run(flag)
+    assert result.returncode == 0, result.stderr
+    for f in fields(TrainConfig):
+        assert f"--{f.name} " in result.stdout, f.name
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+    assert "(default: 'clip-vit-b16')" in result.stdout
+    assert "--learning_rate float" in result.stdout
+
+
+def test_without_config_prints_usage_and_fails():
+    result = _run()
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and "--config is required" in result.stderr
+
+
+def test_bad_adapter_value_is_one_line_before_anything_loads(tmp_path):
+    cfg = write_config(
+        tmp_path / "cfg.yaml", tmp_path / "no-backbone", tmp_path / "no-data", tmp_path / "out"
+    )
+    result = _run("--config", str(cfg), "--masm.layer_mask", "dynamc")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: masm: MASMConfig.layer_mask='dynamc' is not one of ['dynamic', 'static', 'none']."
+    ]
+
+
+def test_a_finished_run_in_output_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "results.json").write_text('{"old": 1}')
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "no-backbone", tmp_path / "no-data", out)
+    result = _run("--config", str(cfg))
+    assert result.returncode == 2
+    assert "already holds files" in result.stderr and "--overwrite_output_dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "results.json").read_text() == '{"old": 1}'
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
+    out = tmp_path / "out"
+    ckpt = out / "checkpoints" / "step_12"
+    ckpt.mkdir(parents=True)
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "no-backbone", tmp_path / "no-data", out)
+    from peft_masm.recipe.config import load_config
+
+    identity = {**load_config(cfg).run_identity(), "seed": 7}
+    (ckpt / "run_config.json").write_text(json.dumps({"hash": "0" * 16, "identity": identity}))
+    result = _run("--config", str(cfg), "--resume_from_checkpoint", "latest")
+    assert result.returncode == 2
+    assert "belongs to a run with another configuration" in result.stderr
+    assert "seed: 7 -> 0" in result.stderr
+    assert ckpt.is_dir()
+
+
+def test_checkpoint_rotation_keeps_only_this_runs_checkpoints(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_recipe", TRAIN)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    from peft_masm.recipe.config import load_config
+
+    cfg = load_config(None, ["--output_dir", str(tmp_path)])
+    mine, other = train.run_hash(cfg), "f" * 16
+    for step, run in ((10, other), (12, other), (2, mine), (4, mine)):
+        folder = Path(tmp_path) / "checkpoints" / f"step_{step}"
+        folder.mkdir(parents=True)
+        (folder / "run_config.json").write_text(json.dumps({"hash": run}))
+    found = train.list_checkpoints(Path(tmp_path) / "checkpoints", only_hash=mine)
+    assert [p.name for p in found] == ["step_2", "step_4"]
