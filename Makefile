@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint typecheck check demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,9 +25,16 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check peft_masm recipes tests benchmarks
+	$(VENV)/bin/ruff format --check peft_masm recipes tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# What CI runs (.ci/run): lint, type check, then the whole test suite.
+check: lint typecheck test
 
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --cpu --num_processes 1 recipes/train.py --config recipes/configs/demo.yaml
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 recipes/train.py --config recipes/configs/demo.yaml --overwrite_output_dir
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

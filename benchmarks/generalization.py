@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from peft_masm.presets import PRESETS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_FAMILIES = ("sbi", "colour_swap", "double_jpeg")
 HELDOUT_FAMILIES = ("gan_upsample", "denoise_renoise", "spectral_peaks")
@@ -279,13 +281,7 @@ def all_methods(ortho: float = 0.1, spectral: float = 0.1) -> list[Method]:
             "effort",
             "masm",
             (1e-3, 3e-3),
-            dict(
-                num_subspaces=1,
-                subspace_rank=1,
-                layer_mask="none",
-                orthogonality_weight=0.0,
-                spectral_weight=0.0,
-            ),
+            dict(PRESETS["effort"]),
         ),
         *masm_methods(ortho, spectral),
     ]
@@ -420,7 +416,7 @@ def train_one(
             loss.backward()
             step += 1
             if tuner is not None:
-                tuner.update_layer_mask(step)
+                tuner.update_layer_mask()
             opt.step()
             opt.zero_grad(set_to_none=True)
         v = auc(yv, predict(model, xv))

@@ -9,7 +9,7 @@ What it measures, all on randomly initialised CLIP vision towers with a 2-way li
 (``CLIPForImageClassification``), CPU float32:
 
 * **Training step time**: one optimizer step = forward, cross-entropy, (MASM with non-zero weights:
-  ``+ regularization_loss()["total"]``), backward, (MASM: ``update_layer_mask(step)``), AdamW step,
+  ``+ regularization_loss()["total"]``), backward, (MASM: ``update_layer_mask()``), AdamW step,
   ``zero_grad``. All methods of one model live in one process (sharing the frozen base weights) and are
   **interleaved step by step** (A B C A B C ...), so a load spike on the shared machine hits every method
   alike. Reported: median step time per method and, per target pair, the median of the paired per-step
@@ -145,14 +145,9 @@ def method_config(method: str) -> Any:
     if method == "masm_nomask":
         return peft_masm.MASMConfig(layer_mask="none", **common)
     if method == "effort":
-        return peft_masm.MASMConfig(
-            num_subspaces=1,
-            subspace_rank=1,
-            layer_mask="none",
-            orthogonality_weight=0.0,
-            spectral_weight=0.0,
-            **common,
-        )
+        from peft_masm.presets import masm_config
+
+        return masm_config("effort", **common)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -192,28 +187,21 @@ class Trainer:
         self.model, self.method, self.batch = model, method, batch
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        self.global_step = 0
-        self.masm = model.base_model if is_masm(method) else None
-        if self.masm is not None:
-            config = self.masm.peft_config["default"]
-            self.use_reg = bool(config.orthogonality_weight or config.spectral_weight)
-        else:
-            self.use_reg = False
+        # The library's training step (the one recipes/train.py runs): loss + regularisers, backward,
+        # non-finite check, layer mask, optimizer.
+        from peft_masm.training import TrainingStep
+
+        self.training_step = TrainingStep(model, self.optimizer, _cross_entropy)
 
     def step(self) -> float:
-        pixels, labels = self.batch
         start = time.perf_counter()
-        logits = self.model(pixel_values=pixels).logits
-        loss = nn.functional.cross_entropy(logits, labels)
-        if self.use_reg:
-            loss = loss + self.masm.regularization_loss()["total"]
-        loss.backward()
-        self.global_step += 1
-        if self.masm is not None:
-            self.masm.update_layer_mask(self.global_step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.training_step(self.batch)
         return time.perf_counter() - start
+
+
+def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    pixels, labels = batch
+    return nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
 
 
 def make_batch(model_name: str, batch_size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
