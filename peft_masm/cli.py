@@ -4,16 +4,21 @@
     masm-detect --adapter my-org/clip-masm --json photo.jpg
 
 Faces are found and cropped as in training (``peft_masm.data.faces``: largest face, 1.3 margin,
-5-point alignment); a video's score is the mean over evenly spaced frames.
+5-point alignment); a video's score is the mean over evenly spaced frames. A frame in which no face is
+found is scored whole, and its line says so. A file that cannot be read is reported on its own line
+(``error`` in ``--json``); the others are still scored, and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,40 +82,118 @@ def _face_fn(
     return crop
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REPORT_ROW = re.compile(r"^\s*(\S+)\s*\|\s*([A-Z]+)\s*\|", re.MULTILINE)
+
+
+def _expected_head_report(message: str, heads: set[str]) -> bool:
+    """True for transformers' load report when its only rows are MISSING keys of ``heads``.
+
+    Those modules (the detector head) are not in the backbone's checkpoint but come from the adapter,
+    so the report's "newly initialized ... Consider training" is expected, not a problem.
+    """
+    text = _ANSI.sub("", message)
+    if "LOAD REPORT" not in text:
+        return False
+    rows = [(key, status) for key, status in _REPORT_ROW.findall(text) if key != "Key"]
+    return bool(rows) and all(status == "MISSING" and key.split(".")[0] in heads for key, status in rows)
+
+
+@contextlib.contextmanager
+def _quiet_head_report(folder: Path) -> Iterator[None]:
+    """Drop only the load report about the adapter's own head (``modules_to_save``) while loading."""
+    try:
+        heads = set(json.loads((folder / "adapter_config.json").read_text()).get("modules_to_save") or [])
+    except (OSError, ValueError, AttributeError):
+        heads = set()
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not _expected_head_report(record.getMessage(), heads)
+
+    logger, flt = logging.getLogger("transformers.modeling_utils"), _Filter()
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
+def _score_one(
+    path: Path, kind: str, frames: int, crop: Callable, face_detection: bool, score: Callable
+) -> dict[str, Any]:
+    from .data.io import read_image
+    from .data.video import read_video_frames
+
+    frames_rgb = [read_image(path)] if kind == "image" else [f for _, f in read_video_frames(path, frames)]
+    crops, found = zip(*(crop(f) for f in frames_rgb))
+    n_found = int(sum(found))
+    warning = None
+    if face_detection and n_found < len(crops):
+        warning = (
+            "no face found: the whole image was scored"
+            if kind == "image"
+            else f"no face found in {len(crops) - n_found} of {len(crops)} frames: those were scored whole"
+        )
+    return {
+        "path": str(path),
+        "type": kind,
+        "fake_probability": score(crops),
+        "frames": len(crops),
+        "faces_found": n_found,
+        "face_detection": face_detection,
+        "warning": warning,
+        "error": None,
+    }
+
+
 def detect(
     adapter: str, inputs: list[str], frames: int = 8, face_detector: str | None = None, batch_size: int = 16
 ) -> list[dict[str, Any]]:
-    """Score every input: ``{"path", "type", "fake_probability", "frames", "faces_found"}`` per image or video."""
+    """Score every input: ``{"path", "type", "fake_probability", "frames", "faces_found",
+    "face_detection", "warning", "error"}`` per image or video.
+
+    ``warning`` says when no face was found (those frames are scored whole). A file that cannot be read
+    gets ``error`` (its message) and ``fake_probability`` None; the other inputs are still scored.
+    """
+    import cv2
     import torch
     from PIL import Image
 
-    from .data.io import read_image
-    from .data.video import read_video_frames
+    from .data.io import DataError
     from .detector import load_detector, predict_proba, read_training_config
     from .hub import resolve_adapter
 
     items = collect_inputs(inputs)
     folder = resolve_adapter(adapter)
-    model, processor = load_detector(str(folder))
-    crop = _face_fn(read_training_config(folder), face_detector)
-    results = []
-    for path, kind in items:
-        frames_rgb = (
-            [read_image(path)] if kind == "image" else [f for _, f in read_video_frames(path, frames)]
-        )
-        crops, found = zip(*(crop(f) for f in frames_rgb))
+    with _quiet_head_report(Path(folder)):
+        model, processor = load_detector(str(folder))
+    training_config = read_training_config(folder)
+    crop = _face_fn(training_config, face_detector)
+    face_detection = face_detector != "none"  # as in _face_fn: only an explicit "none" switches it off
+
+    def score(crops: tuple[np.ndarray, ...]) -> float:
         pixels = processor(images=[Image.fromarray(c) for c in crops], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            probs = predict_proba(model, pixels, batch_size=batch_size)
-        results.append(
-            {
-                "path": str(path),
-                "type": kind,
-                "fake_probability": float(probs.mean()),
-                "frames": len(crops),
-                "faces_found": int(sum(found)),
-            }
-        )
+            return float(predict_proba(model, pixels, batch_size=batch_size).mean())
+
+    results = []
+    for path, kind in items:
+        try:
+            results.append(_score_one(path, kind, frames, crop, face_detection, score))
+        except (DataError, OSError, ValueError, cv2.error) as err:
+            results.append(
+                {
+                    "path": str(path),
+                    "type": kind,
+                    "fake_probability": None,
+                    "frames": 0,
+                    "faces_found": 0,
+                    "face_detection": face_detection,
+                    "warning": None,
+                    "error": str(err),
+                }
+            )
     return results
 
 
@@ -118,10 +201,14 @@ def _table(results: list[dict[str, Any]], threshold: float) -> str:
     width = max([len(r["path"]) for r in results] + [4])
     lines = [f"{'path':<{width}}  type   frames  faces  p(fake)  verdict"]
     for r in results:
+        head = f"{r['path']:<{width}}  {r['type']:<5}  "
+        if r["error"] is not None:
+            lines.append(f"{head}{'-':>6}  {'-':>5}  {'-':>7}  error: {r['error']}")
+            continue
         verdict = "fake" if r["fake_probability"] >= threshold else "real"
+        note = f"  ({r['warning']})" if r["warning"] else ""
         lines.append(
-            f"{r['path']:<{width}}  {r['type']:<5}  {r['frames']:>6}  {r['faces_found']:>5}  "
-            f"{r['fake_probability']:>7.4f}  {verdict}"
+            f"{head}{r['frames']:>6}  {r['faces_found']:>5}  {r['fake_probability']:>7.4f}  {verdict}{note}"
         )
     return "\n".join(lines)
 
@@ -161,11 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         BaseModelMismatchError,
     ) as err:
         print(f"masm-detect: error: {err}", file=sys.stderr)
-        return 2
+        return 2  # nothing scored (bad arguments, adapter or backbone); 1: some inputs failed
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(_table(results, args.threshold))
+    failed = sum(r["error"] is not None for r in results)
+    if failed:
+        print(
+            f"masm-detect: {failed} of {len(results)} inputs could not be scored (see 'error')",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

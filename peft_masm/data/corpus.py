@@ -10,12 +10,15 @@ so no identity is on both sides.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import datasets
 import numpy as np
+import torch
 from PIL import Image
 
 from ..assets import cache_dir as default_cache
@@ -87,6 +90,22 @@ def _collect(cropper: FaceCropper, size: int, carphone_frames: int, include_lfw:
     return rows
 
 
+@contextmanager
+def _global_rng_untouched() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU) global RNG states afterwards.
+
+    The corpus is built on the first run only; whatever the face detector or a source reader draws
+    must not shift the random numbers of the seeded run that follows (cached runs draw none).
+    """
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+
+
 def build_real_face_corpus(
     cache_dir: str | os.PathLike | None = None,
     size: int = 224,
@@ -98,15 +117,19 @@ def build_real_face_corpus(
     """Aligned real face crops (``size`` x ``size``) with columns ``image``, ``source``, ``identity``.
 
     Built once (registry fetch + face detection, about half a minute) and cached under
-    ``cache_dir`` (default ``$PEFT_MASM_CACHE`` or ``~/.cache/peft_masm``)/corpus.
+    ``cache_dir`` (default ``$PEFT_MASM_CACHE`` or ``~/.cache/peft_masm``)/corpus. Building leaves the
+    global random states (``random``, NumPy, torch) as they were, so a seeded run that builds the
+    corpus and one that reads it from the cache draw the same random numbers afterwards.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache("corpus")
     key = f"v2-s{size}-{detector}-cp{carphone_frames}-lfw{int(include_lfw)}"
     path = root / key
     if path.exists() and not rebuild:
         return datasets.load_from_disk(str(path))
-    cropper = FaceCropper(detector=detector, size=256, margin=1.3)
-    ds = datasets.Dataset.from_dict(_collect(cropper, size, carphone_frames, include_lfw), features=_FEATURES)
+    with _global_rng_untouched():
+        cropper = FaceCropper(detector=detector, size=256, margin=1.3)
+        rows = _collect(cropper, size, carphone_frames, include_lfw)
+    ds = datasets.Dataset.from_dict(rows, features=_FEATURES)
     tmp = root / f".{key}.tmp{os.getpid()}"
     ds.save_to_disk(str(tmp))
     try:

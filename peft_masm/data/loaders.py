@@ -15,7 +15,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import datasets
@@ -226,6 +226,46 @@ def _videos_in(node: Any, split: str, compression: str | None, where: str) -> Ma
     return node
 
 
+class _FrameResolver:
+    """Resolve a DeepfakeBench JSON's relative frame paths (``/`` or Windows ``\\`` separators).
+
+    With ``data_root`` they resolve against it. Without, against the first of the JSON's folder and
+    the folders above it under which the path exists: DeepfakeBench writes paths such as
+    ``./datasets/rgb/FaceForensics++/...`` relative to its own root, above ``preprocessing/dataset_json``.
+    """
+
+    def __init__(self, json_path: Path, data_root: str | os.PathLike | None, on_error: str):
+        self.json_path = json_path
+        self.base = Path(data_root) if data_root is not None else None
+        self.explicit = data_root is not None
+        self.on_error = on_error
+
+    def __call__(self, frame: str) -> str:
+        f = frame.replace("\\", "/")
+        if os.path.isabs(f) or PureWindowsPath(frame).drive:
+            return f
+        if self.base is None:
+            start = self.json_path.parent
+            found = next((d for d in (start, *start.parents) if (d / f).exists()), None)
+            if found is None:
+                tried = os.path.normpath(start / f)
+                if self.on_error == "raise":
+                    raise DataError(
+                        f"{self.json_path}: frame {frame!r} not found at {tried} nor under any folder "
+                        "above it; pass data_root=<the folder the JSON's paths are relative to, "
+                        "e.g. the DeepfakeBench root>"
+                    )
+                return tried
+            self.base = found
+        path = os.path.normpath(self.base / f)
+        if self.explicit and self.on_error == "raise" and not os.path.exists(path):
+            raise DataError(
+                f"{self.json_path}: frame {frame!r} not found at {path} (data_root={self.base}); "
+                "pass data_root=<the folder the JSON's paths are relative to, e.g. the DeepfakeBench root>"
+            )
+        return path
+
+
 def load_deepfakebench(
     json_path: str | os.PathLike,
     label_dict: Mapping[str, int] | str | None = None,
@@ -243,7 +283,10 @@ def load_deepfakebench(
     ``label_dict`` maps label names (e.g. ``FF-real``, ``FF-DF``) to 0/1 (a dict, or a JSON/YAML file,
     optionally with a top-level ``label_dict`` key). ``compression`` applies to FF++-family files
     only. Frames are sorted numerically; ``frames_per_video`` keeps that many, evenly spaced.
-    Relative frame paths resolve against ``data_root`` (default: the JSON's folder).
+    ``video_id`` is ``<label name>/<video>`` (e.g. ``FF-DF/006_007``): FF++ reuses video names under
+    every manipulation. Relative frame paths (``/`` or ``\\``) resolve against ``data_root``; by
+    default against the JSON's folder or the nearest folder above it where they exist (DeepfakeBench
+    writes them relative to its root).
     """
     check_on_error(on_error)
     report = report if report is not None else LoadReport()
@@ -263,7 +306,7 @@ def load_deepfakebench(
         dataset_name = next(iter(data))
     if dataset_name not in data:
         raise DataError(f"{jp}: dataset {dataset_name!r} not found (have {sorted(data)})")
-    root = Path(data_root) if data_root is not None else jp.parent
+    resolve = _FrameResolver(jp, data_root, on_error)
     by_label = data[dataset_name]
     if not isinstance(by_label, Mapping):
         raise DataError(
@@ -294,13 +337,14 @@ def load_deepfakebench(
             frames = sorted((str(f) for f in entry["frames"]), key=natural_key)
             if frames_per_video:
                 frames = [frames[i] for i in evenly_spaced_indices(len(frames), frames_per_video)]
+            video_id = f"{label_name}/{video}"
             for f in frames:
-                path = f if os.path.isabs(f) else str(root / f)
+                path = resolve(f)
                 if Path(path).suffix.lower() in VIDEO_EXTS:
                     rows += _expand_video(
                         path,
                         lab,
-                        str(video),
+                        video_id,
                         frames_per_video or 8,
                         on_error,
                         report,
@@ -308,7 +352,7 @@ def load_deepfakebench(
                         split=split,
                     )
                 else:
-                    rows.append(_row(path, lab, str(video), source=label_name, split=split))
+                    rows.append(_row(path, lab, video_id, source=label_name, split=split))
     return _finish(rows, on_error, report, streaming, str(jp))
 
 

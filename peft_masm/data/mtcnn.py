@@ -141,9 +141,14 @@ class MTCNN:
         factor: float = 0.709,
     ):
         d = Path(weights_dir)
-        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
+        # Built on the meta device and filled from the weights (assign=True): no random initialisation,
+        # so creating a detector never consumes torch's global RNG (a seeded run would otherwise see
+        # other random numbers on the run that builds the face corpus than on the runs that read it).
+        with torch.device("meta"):
+            self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()
         for net, name in ((self.pnet, "pnet.pt"), (self.rnet, "rnet.pt"), (self.onet, "onet.pt")):
-            net.load_state_dict(torch.load(d / name, map_location="cpu", weights_only=True), strict=True)
+            state = torch.load(d / name, map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True, assign=True)
             net.eval()
         self.min_face_size, self.thresholds, self.factor = min_face_size, thresholds, factor
 

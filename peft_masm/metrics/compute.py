@@ -51,8 +51,11 @@ def compute_detection_metrics(
 ) -> dict[str, Any]:
     """Frame (and, with ``video_ids``, video) AUC, EER, AP and accuracy, each with a 95% bootstrap interval.
 
-    ``labels``: 0 real / 1 fake per frame. ``scores``: fake probability per frame. A video's score is the
-    mean of its frames' probabilities and its label is its frames' label (mixed labels raise). With
+    ``labels``: 0 real / 1 fake per frame. ``scores``: fake probability per frame. Accuracy counts
+    ``score >= threshold`` as fake; EER is interpolated between ROC points (DeepfakeBench: ``>`` and the
+    nearest ROC point; see ``docs/metrics.md``). A video's score is the exact (``math.fsum``) mean of its
+    frames' probabilities, independent of frame order, and its label is its frames' label (mixed labels
+    raise). With
     ``video_ids`` the bootstrap resamples videos for both levels, since frames of one video are correlated.
     Keys: ``frame_auc``, ``frame_auc_ci`` ([low, high]), ... ``video_acc_ci``, counts and ``bootstrap``.
     """

@@ -1,5 +1,10 @@
 """Point estimates of binary detection metrics (label 1 = fake = positive class).
 
+Conventions (see ``docs/metrics.md``): accuracy counts ``score >= threshold`` as fake; EER is linearly
+interpolated between ROC points; a video's score is the mean of its frames' scores, computed exactly
+(``math.fsum``) so that it does not depend on the order of the frames. DeepfakeBench instead reads
+EER off the nearest ROC point and counts ``score > threshold`` as fake.
+
 Every metric is computed from one sorted pass over the scores (the same cumulative counts
 scikit-learn's ``roc_curve`` / ``precision_recall_curve`` use), so the bootstrap can call them
 thousands of times cheaply. ``tests/unit/test_metrics.py`` checks them against scikit-learn.
@@ -7,6 +12,7 @@ thousands of times cheaply. ``tests/unit/test_metrics.py`` checks them against s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -94,7 +100,11 @@ def ap_from_counts(fps: np.ndarray, tps: np.ndarray) -> float:
 
 
 def point_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """AUC, EER, AP and accuracy (``score >= threshold`` means fake) of validated arrays."""
+    """AUC, EER (interpolated), AP and accuracy of validated arrays.
+
+    Accuracy counts ``score >= threshold`` as fake (DeepfakeBench uses ``>``: a score exactly at the
+    threshold is fake here and real there).
+    """
     fps, tps, _ = binary_clf_curve(labels, scores)
     fpr, tpr = roc_from_counts(fps, tps)
     acc = float(np.mean((scores >= threshold).astype(np.int64) == labels))
@@ -111,6 +121,9 @@ def group_by_video(
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[str]]:
     """Video labels, video scores (mean frame probability), each video's frame indices, and the ids.
 
+    Videos come in sorted id order. A video's score is ``math.fsum`` of its frame scores (exactly
+    rounded, hence independent of frame order) divided by the frame count, so equal frame scores give
+    bit-identical video scores however the frames are ordered.
     Raises ValueError if a video mixes real and fake frames or the ids do not match the frames.
     """
     ids = np.asarray([str(v) for v in video_ids])
@@ -131,5 +144,5 @@ def group_by_video(
                 "Fix its labels or give its frames distinct video ids."
             )
         v_labels[k] = frame_labels[0]
-        v_scores[k] = scores[idx].mean()
+        v_scores[k] = math.fsum(scores[idx].tolist()) / idx.size
     return v_labels, v_scores, frames, names.tolist()

@@ -85,3 +85,112 @@ def test_bad_inputs_fail_clearly(adapter, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images or videos"):
         collect_inputs([str(tmp_path / "empty")])
+
+
+def test_unreadable_file_is_reported_and_the_rest_scored(adapter, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs", {"test": 1})
+    broken = data / "test" / "real" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    args = [
+        "--adapter",
+        str(adapter),
+        "--face-detector",
+        "none",
+        str(data / "test"),
+        str(tmp_path / "bad.mp4"),
+    ]
+    assert main([*args, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 4
+    by_path = {Path(r["path"]).name: r for r in out}
+    assert (
+        "cannot decode" in by_path["broken.png"]["error"]
+        and by_path["broken.png"]["fake_probability"] is None
+    )
+    assert by_path["bad.mp4"]["error"] and by_path["bad.mp4"]["type"] == "video"
+    for name in ("real_0.png", "fake_0.png"):
+        assert by_path[name]["error"] is None and 0.0 <= by_path[name]["fake_probability"] <= 1.0
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 5  # header + one line per input, failures included
+    assert [ln for ln in lines if "broken.png" in ln][0].split()[-1] != "real"
+    assert "error" in [ln for ln in lines if "broken.png" in ln][0]
+    assert "2 of 4 inputs could not be scored" in captured.err
+
+
+def test_no_face_found_is_said(adapter, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs", {"test": 1})  # colour gradients: no face
+    image = data / "test" / "real" / "real_0.png"
+    assert main(["--adapter", str(adapter), "--face-detector", "lbp", "--json", str(image)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["faces_found"] == 0 and row["face_detection"] is True
+    assert "no face found" in row["warning"]
+    assert main(["--adapter", str(adapter), "--face-detector", "lbp", str(image)]) == 0
+    assert "no face found" in capsys.readouterr().out.splitlines()[1]
+    assert main(["--adapter", str(adapter), "--face-detector", "none", "--json", str(image)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["face_detection"] is False and row["warning"] is None  # asked to score the whole image
+
+
+@pytest.fixture(scope="module")
+def headless_adapter(tmp_path_factory):
+    """An adapter on a backbone saved without a head (as every real backbone is): the load report names it."""
+    from transformers import CLIPForImageClassification
+
+    root = tmp_path_factory.mktemp("cli-headless")
+    clip = save_tiny_clip(root / "clip")
+    body = CLIPForImageClassification.from_pretrained(clip)
+    state = {k: v for k, v in body.state_dict().items() if not k.startswith("classifier.")}
+    body.save_pretrained(clip, state_dict=state)
+    model = build_detector(str(clip), MASMConfig(num_subspaces=1, subspace_rank=1, layer_mask="none"))
+    model.save_pretrained(root / "adapter")
+    return root / "adapter"
+
+
+def test_load_report_of_the_adapter_head_is_not_printed(headless_adapter, tmp_path, capfd):
+    import logging
+
+    image = make_image_folder(tmp_path / "imgs", {"test": 1}) / "test" / "real" / "real_0.png"
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    filters_before = list(logger.filters)
+    seen = Records()
+    logging.getLogger("transformers").addHandler(seen)  # sees what transformers' own handler would print
+    try:
+        assert main(["--adapter", str(headless_adapter), "--face-detector", "none", str(image)]) == 0
+        from peft_masm.detector import load_base_classifier
+
+        load_base_classifier(str(headless_adapter.parent / "clip"))  # outside masm-detect: still reported
+    finally:
+        logging.getLogger("transformers").removeHandler(seen)
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err.split("Loading weights")[0]
+    assert sum("LOAD REPORT" in m for m in seen.messages) == 1, seen.messages
+    assert logger.filters == filters_before  # restored afterwards
+
+
+def test_only_the_expected_head_report_is_dropped():
+    from peft_masm.cli import _expected_head_report
+
+    head = (
+        "\x1b[1mCLIPForImageClassification LOAD REPORT\x1b[0m from: x\n"
+        "Key               | Status  | \n------------------+---------+-\n"
+        "classifier.weight | MISSING | \nclassifier.bias   | MISSING | \n\nNotes:\n- MISSING:\tConsider training."
+    )
+    assert _expected_head_report(head, {"classifier"})
+    assert not _expected_head_report(head, {"score"})
+    other = head.replace("classifier.bias   | MISSING", "vision_model.post_layernorm.weight | MISSING")
+    assert not _expected_head_report(other, {"classifier"})
+    unexpected = head + "\nvision_model.extra | UNEXPECTED | "
+    assert not _expected_head_report(unexpected, {"classifier"})
+    assert not _expected_head_report("some other warning", {"classifier"})

@@ -91,7 +91,7 @@ def test_deepfakebench_json(tmp_path):
     assert len(ds) == 6
     assert ds["label"] == [0, 0, 0, 1, 1, 1]
     assert [p.rsplit("_", 1)[-1] for p in ds["path"][:3]] == ["1.png", "9.png", "10.png"]
-    assert set(ds["video_id"]) == {"000", "000_003"}
+    assert set(ds["video_id"]) == {"FF-real/000", "FF-DF/000_003"}
     assert np.asarray(ds[2]["image"])[0, 0, 0] == 20  # frame_10 of the real video
     sub = load_deepfakebench(jp, label_dict={"FF-real": 0, "FF-DF": 1}, frames_per_video=1)
     assert len(sub) == 2
@@ -124,6 +124,78 @@ def test_deepfakebench_wrong_nesting_names_file(tmp_path):
     jp.write_text("{not json")
     with pytest.raises(DataError, match=r"bad\.json: not valid JSON"):
         load_deepfakebench(jp)
+
+
+_FF_LABELS = {"FF-real": 0, "FF-DF": 1, "FF-F2F": 1, "FF-FS": 1, "FF-NT": 1}
+_FF_METHODS = {"FF-DF": "Deepfakes", "FF-F2F": "Face2Face", "FF-FS": "FaceSwap", "FF-NT": "NeuralTextures"}
+
+
+def _rearranged_ff(root, sep="/"):
+    """A tiny FF++ tree and JSON laid out as DeepfakeBench's ``preprocessing/rearrange.py`` writes them.
+
+    Frames under ``<root>/datasets/rgb/FaceForensics++/{original,manipulated}_sequences/.../c23/frames/
+    <video>/NNN.png``; JSON ``<root>/preprocessing/dataset_json/FaceForensics++.json`` nested dataset ->
+    label -> split -> compression -> video -> {label, frames[, masks]}, frame paths relative to ``<root>``
+    (``./datasets/rgb/...``). Test split: real 006 and 007; each of the 4 methods fakes 006_007 and 007_006.
+    """
+    ff = "./datasets/rgb/FaceForensics++"
+    tree = {}
+    for label in _FF_LABELS:
+        videos = ("006", "007") if label == "FF-real" else ("006_007", "007_006")
+        base = (
+            f"{ff}/original_sequences/youtube/c23/frames"
+            if label == "FF-real"
+            else f"{ff}/manipulated_sequences/{_FF_METHODS[label]}/c23/frames"
+        )
+        test = {}
+        for v in videos:
+            frames = [f"{base}/{v}/{k:03d}.png" for k in (0, 31, 15)]
+            for f in frames:
+                _img(root / f, 200 if _FF_LABELS[label] else 20)
+            entry = {"label": label, "frames": [f.replace("/", sep) for f in frames]}
+            if label != "FF-real":
+                entry["masks"] = []
+            test[v] = entry
+        tree[label] = {split: {"c23": test if split == "test" else {}} for split in ("train", "val", "test")}
+    jp = root / "preprocessing" / "dataset_json" / "FaceForensics++.json"
+    jp.parent.mkdir(parents=True)
+    jp.write_text(json.dumps({"FaceForensics++": tree}))
+    return jp
+
+
+def test_deepfakebench_ff_video_ids_are_unique_per_manipulation(tmp_path):
+    jp = _rearranged_ff(tmp_path)
+    ds = load_deepfakebench(jp, label_dict=_FF_LABELS, split="test", data_root=tmp_path)
+    meta = ds.with_format(None)
+    assert len(ds) == 30
+    by_video = dict(zip(meta["video_id"], meta["label"]))
+    assert len(by_video) == 10 and sum(by_video.values()) == 8
+    assert "FF-DF/006_007" in by_video and "FF-NT/006_007" in by_video and by_video["FF-real/006"] == 0
+
+
+def test_deepfakebench_paths_relative_to_the_deepfakebench_root(tmp_path):
+    jp = _rearranged_ff(tmp_path)
+    ds = load_deepfakebench(jp, label_dict=_FF_LABELS)  # data_root found by walking up from the JSON
+    assert len(ds) == 30 and np.asarray(ds[0]["image"])[0, 0, 0] == 20
+    assert ds.with_format(None)["path"][0].startswith(str(tmp_path / "datasets" / "rgb"))
+
+
+def test_deepfakebench_windows_backslash_paths(tmp_path):
+    jp = _rearranged_ff(tmp_path, sep="\\")
+    assert len(load_deepfakebench(jp, label_dict=_FF_LABELS)) == 30
+
+
+def test_deepfakebench_unresolvable_paths_name_data_root(tmp_path):
+    jp = _rearranged_ff(tmp_path / "bench")
+    moved = tmp_path / "elsewhere" / "FaceForensics++.json"
+    moved.parent.mkdir()
+    moved.write_text(jp.read_text())
+    with pytest.raises(DataError, match=r"000\.png.*data_root") as info:
+        load_deepfakebench(moved, label_dict=_FF_LABELS)
+    assert "\n" not in str(info.value) and str(moved.parent) in str(info.value)
+    with pytest.raises(DataError, match=r"data_root="):
+        load_deepfakebench(jp, label_dict=_FF_LABELS, data_root=tmp_path)
+    assert len(load_deepfakebench(moved, label_dict=_FF_LABELS, data_root=tmp_path / "bench")) == 30
 
 
 def test_manifest_csv_and_jsonl(tmp_path):

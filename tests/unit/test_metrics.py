@@ -188,3 +188,23 @@ def test_plot_roc_writes_png(tmp_path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     with pytest.raises(ValueError, match="only real"):
         plot_roc({"bad": ([0, 0], [0.1, 0.2])}, tmp_path / "bad.png")
+
+
+def test_equal_frame_scores_give_equal_video_scores_whatever_the_order() -> None:
+    # 0.1 + 0.2 + 0.3 != 0.3 + 0.2 + 0.1 in float64: a plain running sum would rank these apart.
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.3, 0.2, 0.1, 0.1, 0.2, 0.3])
+    ids = ["real", "real", "real", "fake", "fake", "fake"]
+    out = compute_detection_metrics(labels, scores, video_ids=ids, n_bootstrap=0)
+    assert out["video_auc"] == 0.5  # the two videos tie exactly
+
+
+def test_video_metrics_bit_identical_under_frame_permutation() -> None:
+    labels, scores, ids = _videos(4, 60, 7)
+    scores = np.round(scores, 1)  # many equal frame scores, so video scores tie across videos
+    a = compute_detection_metrics(labels, scores, video_ids=ids, n_bootstrap=20)
+    for seed in range(5):
+        perm = np.random.default_rng(seed).permutation(labels.size)
+        b = compute_detection_metrics(labels[perm], scores[perm], video_ids=ids[perm], n_bootstrap=20)
+        for key in ("video_auc", "video_eer", "video_ap", "video_acc", "video_auc_ci"):
+            assert a[key] == b[key], key
