@@ -44,7 +44,7 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
             )
             if not files:
                 raise FileNotFoundError(f"{p}: no images or videos in this folder")
-            out += [(f, kind(f)) for f in files]
+            out += [(f, str(kind(f))) for f in files]
         elif p.is_file():
             k = kind(p)
             if k is None:

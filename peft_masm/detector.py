@@ -155,7 +155,7 @@ def _model_type(model: nn.Module) -> str:
     vision = getattr(config, "vision_config", None)
     if config.model_type == "clip" and vision is not None:
         return "clip_vision_model"  # CLIPForImageClassification holds only the vision tower
-    return config.model_type
+    return str(config.model_type)
 
 
 class CLIPPoolerClassifier(nn.Module):
@@ -380,7 +380,7 @@ def _native_size(model: nn.Module) -> int | None:
 def forward_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` (a PeftModel or a prepared/wrapped one), interpolating position embeddings
     when the input size differs from the backbone's native size (CLIP and ViT need to be told)."""
-    inner = model
+    inner: Any = model
     while hasattr(inner, "module"):  # DDP / accelerate wrappers
         inner = inner.module
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner

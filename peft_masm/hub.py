@@ -177,7 +177,7 @@ def render_model_card(
         else "",
         training_config_file=TRAINING_CONFIG_NAME if training_config else "",
         results_table=_results_table(eval_results),
-        threshold=", ".join(str(t) for t in sorted(thresholds)) or "0.5",
+        threshold=", ".join(str(t) for t in sorted(t for t in thresholds if t is not None)) or "0.5",
         evaluation_limits=SYNTHETIC_LIMITS if synthetic_benchmark else REAL_DATA_LIMITS,
         license=license,
     )

@@ -79,8 +79,10 @@ class MASMTrainer(Trainer):
     def _calibration_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self.compute_loss(model, self._prepare_inputs(batch))
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, **kwargs):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         masm = find_masm_model(model)
         config = masm.peft_config[masm.active_adapters[0]]
         if config.orthogonality_weight or config.spectral_weight:

@@ -152,7 +152,8 @@ def split_by_identity(
         rng = np.random.default_rng(seed)
         rng.shuffle(groups)
         counts = {g: ids.count(g) for g in groups}
-        test, n = [], 0
+        test: list[str] = []
+        n = 0
         for g in groups:
             if n >= test_fraction * len(ids):
                 break

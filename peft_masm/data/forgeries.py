@@ -55,7 +55,7 @@ def face_mask(shape: tuple[int, int], rng: np.random.Generator, scale: float = 1
     ax = w * rng.uniform(0.22, 0.30) * scale
     ay = h * rng.uniform(0.28, 0.36) * scale
     angle = rng.uniform(-10, 10)
-    mask = np.zeros((h, w), np.float32)
+    mask: np.ndarray = np.zeros((h, w), np.float32)
     cv2.ellipse(mask, (int(cx), int(cy)), (max(int(ax), 2), max(int(ay), 2)), angle, 0, 360, 1.0, -1)
     # Irregular boundary: erode/dilate a little, then feather.
     k = max(3, int(min(h, w) * rng.uniform(0.02, 0.06)) | 1)
@@ -77,7 +77,7 @@ def self_blend(face: np.ndarray, rng: np.random.Generator, donor: np.ndarray | N
     blended back through a soft mask; leaves blending boundaries and statistics inconsistencies."""
     face = _check(face)
     h, w = face.shape[:2]
-    src = face.astype(np.float32)
+    src: np.ndarray = face.astype(np.float32)
     src = src * rng.uniform(0.94, 1.06, size=3) + rng.uniform(-8, 8, size=3)  # per-channel gain/offset
     src = np.clip(src, 0, 255).astype(np.uint8)
     if rng.random() < 0.5:

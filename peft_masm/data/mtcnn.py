@@ -167,7 +167,7 @@ class MTCNN:
         empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
         m = 12.0 / self.min_face_size
         minl = min(h, w) * m
-        scales = []
+        scales: list[float] = []
         while minl >= 12:
             scales.append(m * self.factor ** len(scales))
             minl *= self.factor

@@ -244,7 +244,7 @@ def format_help(cls: type = TrainConfig, prog: str = "recipes/train.py") -> str:
         "  -h, --help                    show this help and exit",
     ]
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         head = f"  --{f.name} {_type_name(hints[f.name])}"
         lines.append(f"{head}\n      {f.metadata.get('help', '')} (default: {default!r})")
     return "\n".join(lines)

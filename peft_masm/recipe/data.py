@@ -188,7 +188,7 @@ def build_data(cfg: TrainConfig, processor: Any) -> RecipeData:
         val=with_image_processor(val, processor, face_cropper=cropper),
         tests=tests,
         train_labels=train_labels,
-        description=[cfg.dataset_name or cfg.train_path],
+        description=[cfg.dataset_name or cfg.train_path or cfg.data],
     )
 
 
