@@ -57,10 +57,12 @@ def parse_test(spec: str, args: argparse.Namespace) -> TestSetConfig:
     )
 
 
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's layout and shows every option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpWithDefaults)
     parser.add_argument("--adapter", required=True, help="adapter folder or Hub id")
     parser.add_argument(
         "--config", help="a training config: its test_sets (and synthetic benchmark) are used"
@@ -71,18 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         "--split", default="test", help="split inside DeepfakeBench JSONs / manifests / folders"
     )
     parser.add_argument("--label_dict", default=None, help="label name -> 0/1 file for DeepfakeBench JSONs")
-    parser.add_argument("--compression", default="c23")
-    parser.add_argument("--dataset_name", default=None)
-    parser.add_argument("--frames_per_video", type=int, default=8)
+    parser.add_argument(
+        "--compression", default="c23", help="FaceForensics++ compression level (c23, c40, raw)"
+    )
+    parser.add_argument("--dataset_name", default=None, help="dataset key inside a DeepfakeBench JSON")
+    parser.add_argument("--frames_per_video", type=int, default=8, help="evenly spaced frames per video")
     parser.add_argument(
         "--face_detector",
         choices=["none", "auto", "mtcnn", "lbp"],
         default="none",
         help="crop faces of the test images first (DeepfakeBench frames are already cropped)",
     )
-    parser.add_argument("--n_bootstrap", type=int, default=1000)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--n_bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals"
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="scoring batch size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     args = parser.parse_args(argv)
 
     from peft_masm.data import DataError

@@ -93,3 +93,15 @@ def test_checkpoint_rotation_keeps_only_this_runs_checkpoints(tmp_path):
         (folder / "run_config.json").write_text(json.dumps({"hash": run}))
     found = train.list_checkpoints(Path(tmp_path) / "checkpoints", only_hash=mine)
     assert [p.name for p in found] == ["step_2", "step_4"]
+
+
+def test_evaluate_detector_help_explains_every_option():
+    script = str(RECIPES / "evaluate_detector.py")
+    result = subprocess.run(
+        [PYTHON, script, "--help"], capture_output=True, text=True, timeout=120, env=env()
+    )
+    assert result.returncode == 0, result.stderr
+    for text in ("FaceForensics++ compression level", "dataset key inside a DeepfakeBench JSON",
+                 "evenly spaced frames per video", "bootstrap resamples", "scoring batch size",
+                 "seed of the bootstrap", "(default: c23)"):  # fmt: skip
+        assert text in " ".join(result.stdout.split()), text
