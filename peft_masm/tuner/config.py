@@ -16,7 +16,7 @@ MASK_GRANULARITIES = ("layer", "subspace")
 
 # Attention projections per `model.config.model_type` (checked against transformers 5.23). The
 # patterns only match inside the vision tower, so a full CLIP/SigLIP model keeps its text tower frozen.
-DEFAULT_ATTENTION_TARGETS = {
+DEFAULT_ATTENTION_TARGETS: dict[str, list[str] | str] = {
     "clip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "clip": r".*vision_model.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
     "siglip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -24,7 +24,7 @@ DEFAULT_ATTENTION_TARGETS = {
     "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
-DEFAULT_MLP_TARGETS = {
+DEFAULT_MLP_TARGETS: dict[str, list[str] | str] = {
     "clip_vision_model": ["fc1", "fc2"],
     "clip": r".*vision_model.*\.mlp\.(fc1|fc2)",
     "siglip_vision_model": [r"encoder\.layers\.\d+\.mlp\.fc1", r"encoder\.layers\.\d+\.mlp\.fc2"],
@@ -66,14 +66,14 @@ class MASMConfig(PeftConfig):
     regulariser weights is Effort (Yan et al., ICML 2025).
     """
 
-    target_modules: list[str] | str | None = field(
+    target_modules: list[str] | set[str] | str | None = field(
         default=None,
         metadata={
             "help": "Names (or a regex) of the nn.Linear modules to adapt. None picks the attention projections "
             "for the model's `model_type` (see `default_target_modules`, whose `include_mlp=True` adds the MLP)."
         },
     )
-    exclude_modules: list[str] | str | None = field(
+    exclude_modules: list[str] | set[str] | str | None = field(
         default=None, metadata={"help": "Names (or a regex) of modules never to adapt."}
     )
     layers_to_transform: list[int] | int | None = field(

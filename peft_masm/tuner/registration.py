@@ -6,6 +6,8 @@ tuner registers itself (``peft_masm.tuner.__init__``). Idempotent (re-import, mo
 
 from __future__ import annotations
 
+from typing import cast
+
 from peft.utils import PeftType
 
 NAME = "masm"
@@ -16,7 +18,7 @@ def masm_peft_type() -> PeftType:
     """Return ``PeftType.MASM``, adding the member to PEFT's enum the first time."""
     existing = PeftType._value2member_map_.get("MASM")
     if existing is not None:
-        return existing
+        return cast(PeftType, existing)
     member = str.__new__(PeftType, "MASM")
     member._name_ = "MASM"
     member._value_ = "MASM"
