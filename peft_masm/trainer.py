@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .training import calibrate_layer_mask, check_finite_gradients, find_masm_model
+from .training import calibrate_layer_mask, check_finite_gradients, find_masm_model, regularisers_enabled
 
 __all__ = ["MASMTrainer", "MASMTrainerCallback"]
 
@@ -84,7 +84,6 @@ class MASMTrainer(Trainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         masm = find_masm_model(model)
-        config = masm.peft_config[masm.active_adapters[0]]
-        if config.orthogonality_weight or config.spectral_weight:
+        if regularisers_enabled(masm):
             loss = loss + masm.regularization_loss()["total"].to(loss.device)
         return (loss, outputs) if return_outputs else loss

@@ -14,6 +14,7 @@ optimizer step (an accumulation boundary) is fixed here, once:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -65,7 +66,8 @@ def maybe_masm_model(model: nn.Module) -> MASMModel | None:
     return None
 
 
-def _regularisers_on(masm: MASMModel) -> bool:
+def regularisers_enabled(masm: MASMModel) -> bool:
+    """Whether the active adapter has a non-zero regulariser weight (else the loss skips them)."""
     config = masm.peft_config[masm.active_adapters[0]]
     return bool(config.orthogonality_weight or config.spectral_weight)
 
@@ -150,7 +152,7 @@ class TrainingStep:
     def loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, task, regularisation terms)`` for ``batch``."""
         task = self.loss_fn(self.model, batch)
-        if self.masm is None or not _regularisers_on(self.masm):
+        if self.masm is None or not regularisers_enabled(self.masm):
             return task, task, {}
         terms = self.masm.regularization_loss()
         return task + terms["total"].to(task.device), task, terms
@@ -174,7 +176,9 @@ class TrainingStep:
 
     def __call__(self, batch: Any) -> StepOutput:
         accumulate = (
-            self.accelerator.accumulate(self.model) if self.accelerator is not None else _null_context()
+            self.accelerator.accumulate(self.model)
+            if self.accelerator is not None
+            else contextlib.nullcontext()
         )
         with accumulate:
             total, task, terms = self.loss(batch)
@@ -206,14 +210,6 @@ class TrainingStep:
             optimizer_step=boundary,
             skipped=skipped,
         )
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def calibrate_layer_mask(

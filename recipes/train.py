@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from peft_masm.recipe.config import ConfigError, TrainConfig, format_help, load_config
+from peft_masm.recipe.config import RESUME_WARN_FIELDS, ConfigError, TrainConfig, format_help, load_config
 
 CHECKPOINT_PREFIX = "step_"
 RUN_FILE = "run_config.json"  # in every checkpoint: the run's identity fields and their hash
@@ -138,7 +138,7 @@ def check_checkpoint_belongs(path: Path, cfg: TrainConfig, log: Any) -> None:
         return
     current, before = cfg.run_identity(), saved.get("identity", {})
     differ = sorted(k for k in set(current) | set(before) if current.get(k) != before.get(k))
-    hard = [k for k in differ if k not in ("batch_size", "learning_rate", "epochs")]
+    hard = [k for k in differ if k not in RESUME_WARN_FIELDS]
     if hard:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in hard[:6])
         raise ConfigError(
