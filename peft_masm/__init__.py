@@ -13,17 +13,19 @@ from typing import Any
 
 from .tuner import (
     BaseModelMismatchError,
+    IncompleteAdapterFileError,
     LayerMaskController,
     MASMConfig,
     MASMLayer,
     MASMModel,
     default_target_modules,
+    register_save_hook,
 )
-
-__version__ = "0.2.0"
+from .tuner.version import __version__ as __version__
 
 __all__ = [
     "BaseModelMismatchError",
+    "IncompleteAdapterFileError",
     "LayerMaskController",
     "MASMConfig",
     "MASMLayer",
@@ -55,6 +57,16 @@ _LAZY = {
     "push_detector_to_hub": "detector",
     "plot_mask_history": "visualization",
 }
+
+
+def _write_model_card(config: MASMConfig, save_directory: str) -> None:
+    # Imported here: the Hub client is slow to import and only needed when an adapter is saved.
+    from .hub import write_card_on_save
+
+    write_card_on_save(config, save_directory)
+
+
+register_save_hook(_write_model_card)
 
 
 def __getattr__(name: str) -> Any:

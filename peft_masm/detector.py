@@ -8,9 +8,12 @@ folder)`` loads it back onto the base model named in its ``adapter_config.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,17 @@ POOLINGS = ("model", "pooler_output")
 
 class BackboneNotAvailableError(OSError):
     """The backbone (or the base model an adapter names) is neither local, cached, nor reachable."""
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecation_probe() -> Iterator[None]:
+    """Silence the FutureWarning PEFT triggers on every wrap: ``PeftModel.__init__`` probes transformers'
+    deprecated ``is_gradient_checkpointing`` attribute, which nothing in the user's code can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def card_base_model(backbone: str) -> str:
@@ -230,7 +244,8 @@ def build_detector(
     heads = head_module_names(model)
     saved = list(config.modules_to_save or [])
     config.modules_to_save = saved + [h for h in heads if h not in saved]
-    peft_model = get_peft_model(model, config)
+    with quiet_peft_deprecation_probe():
+        peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = os.fspath(backbone)
     if decompose and hasattr(peft_model.base_model, "decompose"):
         peft_model.base_model.decompose()
@@ -276,8 +291,8 @@ def load_detector(
         )
     pooling = read_detector_config(folder).get("pooling", "model")
     model = _with_pooling(load_base_classifier(base, torch_dtype=torch_dtype), pooling)
-    peft_config = PeftConfig.from_pretrained(str(folder))
-    peft_model = PeftModel.from_pretrained(model, str(folder), config=peft_config)
+    with quiet_peft_deprecation_probe():
+        peft_model = PeftModel.from_pretrained(model, str(folder))
     peft_model.eval()
     if image_size is None:
         image_size = read_training_config(folder).get("image_size")

@@ -9,6 +9,7 @@ import importlib.resources
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,7 +126,7 @@ def _results_table(eval_results: Mapping[str, Mapping[str, Any]] | None) -> str:
 
 
 def render_model_card(
-    base_model: str,
+    base_model: str | None,
     adapter_config: Mapping[str, Any],
     training_config: Mapping[str, Any] | None,
     eval_results: Mapping[str, Mapping[str, Any]] | None,
@@ -143,15 +144,17 @@ def render_model_card(
     """A model card (``library_name: peft``, base model, tags, datasets, model-index results) for a MASM adapter.
 
     ``eval_results`` maps test-set names to ``compute_detection_metrics`` outputs. ``synthetic_benchmark`` says
-    the results come from the smoke-scale synthetic benchmark, and the card says so.
+    the results come from the smoke-scale synthetic benchmark, and the card says so. ``base_model=None`` says
+    the base model was not recorded (a model built from a config); an empty string is refused.
     """
-    if not base_model:
+    if base_model is not None and not base_model:
         raise ValueError(
             "base_model is empty; pass the Hub id or path of the backbone the adapter was trained on."
         )
-    name = model_name or f"{base_model.rstrip('/').split('/')[-1]}-masm"
+    name = model_name or (f"{base_model.rstrip('/').split('/')[-1]}-masm" if base_model else "masm-adapter")
     results = eval_results_to_card(eval_results) if eval_results else None
-    tags = list(dict.fromkeys([*BASE_TAGS, f"base_model:adapter:{base_model}", *extra_tags]))
+    base_tag = [f"base_model:adapter:{base_model}"] if base_model else []
+    tags = list(dict.fromkeys([*BASE_TAGS, *base_tag, *extra_tags]))
     card_data = ModelCardData(
         base_model=base_model,
         library_name="peft",
@@ -213,7 +216,7 @@ def save_training_config(out_dir: str | Path, training_config: Mapping[str, Any]
 
 def save_adapter_card(
     out_dir: str | Path,
-    base_model: str,
+    base_model: str | None,
     adapter_config: Mapping[str, Any] | None = None,
     training_config: Mapping[str, Any] | None = None,
     eval_results: Mapping[str, Mapping[str, Any]] | None = None,
@@ -243,6 +246,37 @@ def save_adapter_card(
     path = out / "README.md"
     card.save(path)
     return path
+
+
+# Markers of the blank card PEFT writes on every save_pretrained (huggingface_hub's default template).
+_BLANK_CARD_MARKERS = (
+    "[More Information Needed]",
+    "<!-- Provide a quick summary of what the model is/does. -->",
+)
+CARD_MARKER = "import peft_masm"
+
+
+def write_card_on_save(config: Any, save_directory: str | os.PathLike) -> Path | None:
+    """After ``save_pretrained`` of a MASM adapter: replace PEFT's blank card with this package's card.
+
+    A card that is neither missing nor PEFT's blank template (one written by the user, or a fuller card from
+    ``save_adapter_card``) is left as it is. Returns the card written, or None.
+    """
+    out = Path(save_directory)
+    if not (out / "adapter_model.safetensors").is_file() or not (out / "adapter_config.json").is_file():
+        return None  # a config saved on its own: no adapter to describe
+    readme = out / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if CARD_MARKER in text or not any(marker in text for marker in _BLANK_CARD_MARKERS):
+            return None
+    base_class = (getattr(config, "auto_mapping", None) or {}).get("base_model_class") or "AutoModel"
+    return save_adapter_card(
+        out,
+        base_model=getattr(config, "base_model_name_or_path", None) or None,
+        synthetic_benchmark=False,
+        base_model_class=base_class,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- push

@@ -10,7 +10,14 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
-from .config import DEFAULT_ATTENTION_TARGETS, DEFAULT_MLP_TARGETS, MASMConfig, default_target_modules
+from .config import (
+    DEFAULT_ATTENTION_TARGETS,
+    DEFAULT_MLP_TARGETS,
+    MASMConfig,
+    default_target_modules,
+    register_save_hook,
+)
+from .files import IncompleteAdapterFileError
 from .layer import BaseModelMismatchError, Linear, MASMLayer
 from .mask import LayerMaskController
 from .model import MASMModel
@@ -20,6 +27,7 @@ __all__ = [
     "DEFAULT_ATTENTION_TARGETS",
     "DEFAULT_MLP_TARGETS",
     "BaseModelMismatchError",
+    "IncompleteAdapterFileError",
     "LayerMaskController",
     "Linear",
     "MASMConfig",
@@ -27,6 +35,7 @@ __all__ = [
     "MASMModel",
     "default_target_modules",
     "register",
+    "register_save_hook",
 ]
 
 

@@ -2,36 +2,96 @@
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from numbers import Real
+from typing import Any, Literal, cast
 
+from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
+from .files import check_adapter_weights_complete
 from .registration import masm_peft_type
+from .version import __version__
 
 PARTITIONS = ("contiguous", "interleaved")
 TRAIN_FACTORS = ("all", "singular_values", "vectors")
 LAYER_MASK_MODES = ("dynamic", "static", "none")
 MASK_GRANULARITIES = ("layer", "subspace")
 
-# Attention projections per `model.config.model_type` (checked against transformers 5.23). The
-# patterns only match inside the vision tower, so a full CLIP/SigLIP model keeps its text tower frozen.
+# Attention projections per `model.config.model_type` (checked against transformers 5.23 on tiny
+# configs, tests/tuner/test_default_targets.py). Plain names match a module name's last component(s);
+# a string is a regex over the whole module name. The patterns only match inside the vision encoder:
+# a full CLIP/SigLIP model keeps its text tower frozen, and SigLIP's pooling head (an
+# nn.MultiheadAttention, which reads its `out_proj.weight` without calling the module) is never a target.
+_SELF_ATTN = r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULT_ATTENTION_TARGETS: dict[str, list[str] | str] = {
-    "clip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "clip_vision_model": _SELF_ATTN,
     "clip": r".*vision_model.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
-    "siglip_vision_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "siglip_vision_model": _SELF_ATTN,
     "siglip": r".*vision_model.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
-    "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "siglip2_vision_model": _SELF_ATTN,
+    "siglip2": r".*vision_model.*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    "vit": list(_QKVO),
+    "deit": list(_QKVO),
+    "beit": list(_QKVO),
+    "vit_mae": list(_QKVO),
+    "vit_msn": list(_QKVO),
+    "ijepa": list(_QKVO),
+    "dinov2": list(_QKVO),
+    "dinov2_with_registers": list(_QKVO),
+    "dinov3_vit": list(_QKVO),
+    "swin": list(_QKVO),
+    "data2vec-vision": r".*\.attention\.(attention\.(query|key|value)|output\.dense)",
+    "hiera": r".*\.attn\.(qkv|proj)",
 }
+_FC = ["fc1", "fc2"]
 DEFAULT_MLP_TARGETS: dict[str, list[str] | str] = {
-    "clip_vision_model": ["fc1", "fc2"],
+    "clip_vision_model": r".*\.mlp\.(fc1|fc2)",
     "clip": r".*vision_model.*\.mlp\.(fc1|fc2)",
-    "siglip_vision_model": [r"encoder\.layers\.\d+\.mlp\.fc1", r"encoder\.layers\.\d+\.mlp\.fc2"],
+    "siglip_vision_model": r".*encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
     "siglip": r".*vision_model\.encoder.*\.mlp\.(fc1|fc2)",
-    "vit": ["fc1", "fc2"],
-    "dinov2": ["fc1", "fc2"],
+    "siglip2_vision_model": r".*encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
+    "siglip2": r".*vision_model\.encoder.*\.mlp\.(fc1|fc2)",
+    "vit": list(_FC),
+    "deit": list(_FC),
+    "beit": list(_FC),
+    "vit_mae": list(_FC),
+    "vit_msn": list(_FC),
+    "ijepa": list(_FC),
+    "dinov2": list(_FC),
+    "dinov2_with_registers": list(_FC),
+    "dinov3_vit": ["up_proj", "down_proj"],
+    "swin": list(_FC),
+    "data2vec-vision": r".*\.layer\.\d+\.(intermediate|output)\.dense",
+    "hiera": r".*\.mlp\.(fc1|fc2)",
 }
+
+
+SaveHook = Callable[["MASMConfig", str], object]
+_save_hooks: list[SaveHook] = []
+
+
+def register_save_hook(hook: SaveHook) -> None:
+    """Run ``hook(config, save_directory)`` after every ``MASMConfig.save_pretrained`` (once per hook).
+
+    PEFT's ``save_pretrained`` writes the adapter weights, then the config; ``import peft_masm`` registers
+    the hook that replaces PEFT's blank model card with this package's card.
+    """
+    if hook not in _save_hooks:
+        _save_hooks.append(hook)
+
+
+def no_default_targets_message(model_type: str | None) -> str:
+    """The one-line error for a model type MASM has no default targets for."""
+    return (
+        f"MASM has no default target modules for model_type={model_type!r} (known: "
+        f"{', '.join(sorted(DEFAULT_ATTENTION_TARGETS))}); pass `target_modules` explicitly, e.g. the names "
+        "of the attention projections."
+    )
 
 
 def default_target_modules(model_type: str, include_mlp: bool = False) -> list[str] | str:
@@ -41,19 +101,20 @@ def default_target_modules(model_type: str, include_mlp: bool = False) -> list[s
     ``MASMConfig(target_modules=default_target_modules("clip_vision_model", include_mlp=True))``.
     """
     if model_type not in DEFAULT_ATTENTION_TARGETS:
-        raise ValueError(
-            f"MASM has no default target modules for model_type={model_type!r} (known: {sorted(DEFAULT_ATTENTION_TARGETS)}); "
-            "pass `target_modules` explicitly, e.g. the names of the attention projections."
-        )
+        raise ValueError(no_default_targets_message(model_type))
     attention, mlp = DEFAULT_ATTENTION_TARGETS[model_type], DEFAULT_MLP_TARGETS[model_type]
     if not include_mlp:
         return list(attention) if isinstance(attention, list) else attention
-    if isinstance(attention, str):
-        return f"(?:{attention})|(?:{mlp})"
-    if all("\\" not in name for name in mlp):
+    if isinstance(attention, list) and isinstance(mlp, list):
         return list(attention) + list(mlp)
-    names = "|".join(attention)
-    return rf"(?:.*\.({names}))|(?:{'|'.join(mlp)})"
+    return f"(?:{_as_regex(attention)})|(?:{_as_regex(mlp)})"
+
+
+def _as_regex(targets: list[str] | str) -> str:
+    """A target list as the equivalent full-name regex (PEFT matches list entries as name suffixes)."""
+    if isinstance(targets, str):
+        return targets
+    return rf"(?:.*\.)?({'|'.join(targets)})"
 
 
 @dataclass
@@ -160,10 +221,25 @@ class MASMConfig(PeftConfig):
         default=0.9,
         metadata={"help": "Decay of the exponential moving averages of the gradients, in [0, 1)."},
     )
+    base_model_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "The `model_type` of the model the adapter was created on; filled in by get_peft_model. "
+            "Loading the adapter onto a model of another type raises BaseModelMismatchError."
+        },
+    )
+    peft_masm_version: str = field(
+        default=__version__,
+        metadata={
+            "help": "The peft_masm version that wrote this config; an adapter saved by a newer version than the "
+            "one installed is refused with the version to install."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = masm_peft_type()
+        check_saved_version(self.peft_masm_version)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -171,14 +247,20 @@ class MASMConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("num_subspaces", "subspace_rank", "mask_interval"):
+        _check_integer(self, "num_subspaces", minimum=1)
+        _check_integer(self, "subspace_rank", minimum=1)
+        _check_integer(self, "mask_interval", minimum=1)
+        _check_integer(self, "mask_warmup", minimum=0)
+        for name in ("orthogonality_weight", "spectral_weight", "fit_bound"):
+            _check_real(self, name, "a finite number >= 0", lambda v: v >= 0)
+        _check_real(self, "mask_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_real(self, "mask_ema_decay", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        for name in ("init_weights", "check_base_model"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"MASMConfig.{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.mask_warmup, int) or self.mask_warmup < 0:
-            raise ValueError(
-                f"MASMConfig.mask_warmup must be a non-negative integer, got {self.mask_warmup!r}."
-            )
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"MASMConfig.{name} must be True or False, got {value!r} ({type(value).__name__})."
+                )
         choices = {
             "partition": PARTITIONS,
             "train_factors": TRAIN_FACTORS,
@@ -188,17 +270,73 @@ class MASMConfig(PeftConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MASMConfig.{name}={getattr(self, name)!r} is not one of {list(allowed)}.")
-        if not 0.0 < self.mask_keep_ratio <= 1.0:
-            raise ValueError(f"MASMConfig.mask_keep_ratio must be in (0, 1], got {self.mask_keep_ratio}.")
-        if not 0.0 <= self.mask_ema_decay < 1.0:
-            raise ValueError(f"MASMConfig.mask_ema_decay must be in [0, 1), got {self.mask_ema_decay}.")
-        for name in ("orthogonality_weight", "spectral_weight", "fit_bound"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MASMConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("MASMConfig.layers_pattern only makes sense together with layers_to_transform.")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save ``adapter_config.json`` (recording this peft_masm version), then run the registered save hooks."""
+        self.peft_masm_version = __version__
+        super().save_pretrained(save_directory, **kwargs)
+        for hook in _save_hooks:
+            hook(self, save_directory)
+
+    # ------------------------------------------------------------------------------------ loading
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Refuse an adapter_config.json written by a newer peft_masm (PEFT calls this before building the config)."""
+        check_saved_version(kwargs.get("peft_masm_version"))
+        return super().check_kwargs(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> MASMConfig:
+        """Load the config, and check that the adapter's weight file beside it is complete."""
+        config = cast(
+            MASMConfig, super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        )
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        check_adapter_weights_complete(
+            folder, repo_id=pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        # Not a dataclass field, so never saved: tells the tuner this config describes a saved adapter, whose
+        # base_model_type is a fact to check rather than a value to fill in.
+        setattr(config, "loaded_from", str(pretrained_model_name_or_path))  # noqa: B010
+        return config
 
     @property
     def total_rank(self) -> int:
         """K * k: the number of minor singular triplets each target layer trains."""
         return self.num_subspaces * self.subspace_rank
+
+
+def _check_integer(config: MASMConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"MASMConfig.{name} must be {kind}, got {value!r} ({type(value).__name__}).")
+
+
+def _check_real(config: MASMConfig, name: str, expected: str, accept: Any) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and accept(value)
+    if not ok:
+        hint = " (a string: write the number without quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"MASMConfig.{name} must be {expected}, got {value!r}{hint}.")
+
+
+def check_saved_version(saved: str | None) -> None:
+    """Raise when an adapter was written by a newer peft_masm than the installed one."""
+    if not saved:
+        return
+    try:
+        newer = Version(saved) > Version(__version__)
+    except InvalidVersion:
+        raise ValueError(
+            f"adapter_config.json has peft_masm_version={saved!r}, which is not a version number; fix or remove it."
+        ) from None
+    if newer:
+        raise ValueError(
+            f"This adapter was saved by peft_masm {saved}, newer than the installed {__version__}: "
+            f"run `pip install -U 'peft_masm>={saved}'` to load it."
+        )

@@ -306,9 +306,33 @@ class Linear(nn.Module, MASMLayer):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Children (the buffer dicts) load after this call; the post-hook finishes the job.
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         loaded = [name for name in self.masm_pending if f"{prefix}masm_U0.{name}" in state_dict]
+        for name in loaded:
+            self._check_saved_shape(state_dict, prefix, name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._loading = (prefix, loaded)
+
+    def _check_saved_shape(self, state_dict, prefix: str, adapter_name: str) -> None:
+        """Name the config field when the saved factors have another K or k than the adapter's config."""
+        num, rank = self.masm_num_subspaces[adapter_name], self.masm_subspace_rank[adapter_name]
+        saved_num = sum(1 for key in state_dict if key.startswith(f"{prefix}masm_s.{adapter_name}."))
+        first = state_dict.get(f"{prefix}masm_s.{adapter_name}.0")
+        saved_rank = int(first.shape[0]) if first is not None else rank
+        if (saved_num, saved_rank) == (num, rank):
+            return
+        fields = [
+            f"{field}={value} (the saved weights have {saved})"
+            for field, value, saved in (
+                ("num_subspaces", num, saved_num),
+                ("subspace_rank", rank, saved_rank),
+            )
+            if value != saved
+        ]
+        layer = prefix.rstrip(".").removeprefix("base_model.model.")
+        raise ValueError(
+            f"MASM adapter '{adapter_name}' does not match its saved weights at layer '{layer}': adapter_config.json "
+            f"has {' and '.join(fields)}; set those fields back to the saved values (or save the adapter again)."
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -11,9 +11,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .config import DEFAULT_ATTENTION_TARGETS, MASMConfig
+from .config import DEFAULT_ATTENTION_TARGETS, MASMConfig, no_default_targets_message
 from .decomposition import minor_triplets_many
-from .layer import Linear, MASMLayer
+from .layer import BaseModelMismatchError, Linear, MASMLayer
 from .mask import LayerMaskController
 
 
@@ -37,9 +37,22 @@ class MASMModel(BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, **kwargs) -> None:
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         self._layer_masks: dict[str, LayerMaskController] = {}
+        self._loading_keys: set[str] = set()
+        self._loading_prefix = ""
+        self.register_load_state_dict_post_hook(_check_loaded_adapter_complete)
+
+    def _prepare_adapter_config(self, peft_config: MASMConfig, model_config: dict) -> MASMConfig:  # type: ignore[override]
+        """Default targets from MASM's own table; MASM's error (naming the known types) for any other model."""
+        if (
+            peft_config.target_modules is None
+            and model_config.get("model_type") not in self.target_module_mapping
+        ):
+            raise ValueError(no_default_targets_message(model_config.get("model_type")))
+        return super()._prepare_adapter_config(peft_config, model_config)  # type: ignore[return-value]
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject MASM layers; a trainable adapter is decomposed at once, a loaded one never is."""
+        self._check_model_type(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         # Adapters created for training (get_peft_model, add_adapter) get their SVD now, so that edits,
         # optimizers and wrappers see the real factors. Adapters injected in inference mode, which is
@@ -47,6 +60,25 @@ class MASMModel(BaseTuner):
         # fills them without any SVD.
         if not self.peft_config[adapter_name].inference_mode:
             self.decompose(adapter_name)
+
+    @staticmethod
+    def _check_model_type(model: nn.Module, config: MASMConfig) -> None:
+        """A saved adapter must go onto a model of the type it was created on; a new one records the type."""
+        model_type = BaseTuner.get_model_config(model).get("model_type")
+        saved = config.base_model_type
+        # A config read from disk (MASMConfig.from_pretrained marks it), or injected for inference, describes a
+        # saved adapter; any other config is a new adapter, which records the type (even if reused from another).
+        from_disk = getattr(config, "loaded_from", None) is not None or config.inference_mode
+        if not from_disk or saved is None:
+            config.base_model_type = model_type
+            return
+        if model_type != saved:
+            where = getattr(config, "loaded_from", None)
+            raise BaseModelMismatchError(
+                f"This MASM adapter{f' ({where})' if where else ''} was trained on a model of type {saved!r}, but it "
+                f"is being loaded onto a {type(model).__name__} of type {model_type!r}: load it onto the base model "
+                f"named by `base_model_name_or_path` ({config.base_model_name_or_path!r})."
+            )
 
     def _create_and_replace(  # type: ignore[override]  # narrower config type
         self,
@@ -61,6 +93,12 @@ class MASMModel(BaseTuner):
         if isinstance(target, MASMLayer):
             target.update_layer(adapter_name, masm_config, current_key=current_key)
             return
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(
+                f"Target module '{current_key}' is the output projection of an nn.MultiheadAttention, which reads its "
+                "weight directly and never calls it, so a MASM adapter there would not train but would still be "
+                "merged: add it to `exclude_modules` (or narrow `target_modules`)."
+            )
         if not isinstance(target, nn.Linear):
             raise TypeError(
                 f"Target module '{current_key}' is a {type(target).__name__}; MASM adapts torch.nn.Linear layers only. "
@@ -120,6 +158,14 @@ class MASMModel(BaseTuner):
         if not todo:
             return 0
         weights = [layer.get_base_layer().weight for layer, _ in todo]
+        module_names = {id(layer): name for name, layer in self.model.named_modules()}
+        for (layer, _), weight in zip(todo, weights):
+            if not torch.isfinite(weight).all():
+                bad = int((~torch.isfinite(weight)).sum())
+                raise ValueError(
+                    f"The base weight of '{module_names.get(id(layer), '?')}' holds {bad} NaN/inf values, so it has no SVD: "
+                    "load a healthy checkpoint of the base model (or add this module to `exclude_modules`)."
+                )
         totals = [layer.masm_num_subspaces[name] * layer.masm_subspace_rank[name] for layer, name in todo]
         for (layer, name), triplets in zip(todo, minor_triplets_many(weights, totals)):
             layer.set_decomposition(name, triplets)
@@ -190,6 +236,73 @@ class MASMModel(BaseTuner):
         """Delete an adapter and its layer-mask statistics."""
         super().delete_adapter(adapter_name)
         self._layer_masks.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------- PEFT helpers MASM cannot honour
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """Not supported: a weighted sum of MASM adapters is not a MASM adapter (their SVD bases differ)."""
+        raise NotImplementedError(
+            "MASM does not support add_weighted_adapter (each adapter lives in its own SVD basis): route samples to "
+            "adapters with model(x, adapter_names=[...]), or export each adapter to LoRA with "
+            "peft.save_as_lora and combine the LoRA adapters."
+        )
+
+    def subtract_mutated_init(self, *args, **kwargs) -> None:
+        """Not supported: this is LoRA's PiSSA/OLoRA conversion; MASM adapters export with peft.save_as_lora."""
+        raise NotImplementedError(
+            "MASM does not support subtract_mutated_init (a LoRA PiSSA/OLoRA helper); to get a plain LoRA adapter "
+            "from a MASM one, use peft.save_as_lora."
+        )
+
+    # --------------------------------------------------------------------------------------- loading
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Remember which MASM keys this load brings, to check them against the model once it is done.
+        self._loading_keys = {key for key in state_dict if key.startswith(prefix) and ".masm_" in key}
+        self._loading_prefix = prefix
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_loaded_keys(self) -> None:
+        """After a load that brought MASM weights: each loaded adapter's targets all got theirs, and all were used."""
+        keys, self._loading_keys = self._loading_keys, set()
+        if not keys:
+            return
+        root = f"{self._loading_prefix}model."
+        loaded = {_split_masm_key(key.removeprefix(root)) for key in keys if key.startswith(root)}
+        layers = dict(self._all_masm_layers())
+        # PEFT puts the adapter name into the keys of layers the model has; other keys keep their saved form.
+        adapters = {adapter for name, adapter in loaded if name in layers and adapter in layers[name].masm_U}
+        expected = {
+            (name, adapter) for name, layer in layers.items() for adapter in adapters & set(layer.masm_U)
+        }
+        missing = sorted(name for name, _ in expected - loaded)
+        unused = sorted({name for name, _ in loaded if name not in layers})
+        if not missing and not unused:
+            return
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} target layer(s) of this model have no saved weights (e.g. '{missing[0]}')"
+            )
+        if unused:
+            parts.append(
+                f"{len(unused)} saved layer(s) are not MASM targets of this model (e.g. '{unused[0]}')"
+            )
+        model_type = BaseTuner.get_model_config(self.model).get("model_type")
+        raise BaseModelMismatchError(
+            f"The MASM adapter does not fit this {type(self.model).__name__} (model_type={model_type!r}): "
+            + "; ".join(parts)
+            + ". Load it onto the base model it was trained on (`base_model_name_or_path` in adapter_config.json)."
+        )
+
+
+def _split_masm_key(key: str) -> tuple[str, str]:
+    """``'vit.layers.0.q_proj.masm_U.default.0'`` -> ``('vit.layers.0.q_proj', 'default')``."""
+    layer, rest = key.split(".masm_", 1)
+    parts = rest.split(".")
+    return layer, parts[1] if len(parts) > 1 else ""
+
+
+def _check_loaded_adapter_complete(module: MASMModel, incompatible_keys) -> None:
+    module._check_loaded_keys()
 
 
 def _pass_adapter_names(module, args, kwargs, adapter_names):

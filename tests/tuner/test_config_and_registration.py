@@ -1,4 +1,5 @@
 import importlib
+import re
 
 import pytest
 from peft import PeftConfig, PeftType, get_peft_model
@@ -41,15 +42,30 @@ def test_config_round_trip(tmp_path):
         ({"partition": "random"}, "partition='random' is not one of"),
         ({"train_factors": "U"}, "train_factors='U' is not one of"),
         ({"layer_mask": "sometimes"}, "layer_mask='sometimes' is not one of"),
-        ({"mask_keep_ratio": 0.0}, "mask_keep_ratio must be in (0, 1]"),
-        ({"mask_keep_ratio": 1.5}, "mask_keep_ratio must be in (0, 1]"),
+        ({"mask_keep_ratio": 0.0}, "mask_keep_ratio must be a number in (0, 1]"),
+        ({"mask_keep_ratio": 1.5}, "mask_keep_ratio must be a number in (0, 1]"),
         ({"mask_interval": 0}, "mask_interval must be a positive integer"),
-        ({"mask_warmup": -1}, "mask_warmup must be a non-negative integer"),
-        ({"orthogonality_weight": -1.0}, "orthogonality_weight must be >= 0"),
+        ({"mask_warmup": -1}, "mask_warmup must be an integer >= 0"),
+        ({"orthogonality_weight": -1.0}, "orthogonality_weight must be a finite number >= 0"),
+        # Wrong types and non-finite numbers (issue 10, item 5): each names its field.
+        (
+            {"orthogonality_weight": "0.1"},
+            "orthogonality_weight must be a finite number >= 0, got '0.1' (a string",
+        ),
+        ({"spectral_weight": None}, "spectral_weight must be a finite number >= 0, got None"),
+        ({"fit_bound": float("nan")}, "fit_bound must be a finite number >= 0, got nan"),
+        ({"fit_bound": float("inf")}, "fit_bound must be a finite number >= 0, got inf"),
+        ({"mask_ema_decay": float("nan")}, "mask_ema_decay must be a number in [0, 1), got nan"),
+        ({"num_subspaces": True}, "num_subspaces must be a positive integer, got True (bool)"),
+        ({"subspace_rank": 2.0}, "subspace_rank must be a positive integer, got 2.0 (float)"),
+        ({"mask_interval": "20"}, "mask_interval must be a positive integer, got '20' (str)"),
+        ({"mask_warmup": False}, "mask_warmup must be an integer >= 0, got False (bool)"),
+        ({"init_weights": 1}, "init_weights must be True or False, got 1 (int)"),
+        ({"check_base_model": "yes"}, "check_base_model must be True or False, got 'yes' (str)"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         MASMConfig(**kwargs)
 
 
@@ -112,6 +128,19 @@ def test_full_clip_keeps_its_text_tower_frozen():
 def test_unknown_model_type_needs_explicit_targets():
     with pytest.raises(ValueError, match="no default target modules"):
         default_target_modules("bert")
+
+
+def test_get_peft_model_on_an_unknown_model_type_gives_masm_s_error():
+    """Not PEFT's generic "Please specify `target_modules`": MASM's own message, naming the known types."""
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+    )
+    with pytest.raises(
+        ValueError, match=r"no default target modules for model_type='bert' \(known: .*deit.*\)"
+    ):
+        get_peft_model(bert, MASMConfig(num_subspaces=2, subspace_rank=2))
 
 
 def test_rank_larger_than_layer_names_the_layer():

@@ -21,6 +21,7 @@ from peft_masm.detector import (  # noqa: E402
     card_base_model,
     load_detector,
     predict_proba,
+    save_detector,
 )
 from peft_masm.hub import AdapterNotAvailableError  # noqa: E402
 
@@ -46,7 +47,8 @@ def test_build_detector_defaults(tiny):
     assert config.base_model_name_or_path == str(tiny)
     assert "classifier" in config.modules_to_save
     assert model.config.id2label == ID2LABEL and model.config.num_labels == 2
-    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    adapted = {name.rsplit(".", 1)[1] for name, _ in model.base_model.masm_layers()}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "out_proj"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in trainable) and any("masm_U" in n for n in trainable)
     # decomposed eagerly: nothing is left pending
@@ -144,3 +146,14 @@ def test_pooler_output_is_refused_for_a_backbone_without_it(tmp_path):
 
     with pytest.raises(ValueError, match="pooling='pooler_output' is implemented for CLIP"):
         _with_pooling(torch.nn.Linear(2, 2), "pooler_output")
+
+
+def test_building_and_loading_a_detector_prints_no_future_warning(tiny, tmp_path):
+    """Issue 10: PEFT's probe of transformers' deprecated `is_gradient_checkpointing` warned on every wrap."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = build_detector(str(tiny))
+        save_detector(model, tmp_path / "det")
+        load_detector(tmp_path / "det")

@@ -1,0 +1,147 @@
+"""Issue 10: one NaN pixel must not turn every MASM factor into NaN without a word.
+
+Both training paths (``TrainingStep``, used by the recipe and the benchmarks, and ``MASMTrainer``)
+stop at the optimizer step where the NaN appears, naming it, or skip that step with a warning; the
+adapter's factors stay finite either way.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+
+from peft_masm import MASMConfig, MASMTrainer, NonFiniteLossError, TrainingStep
+
+SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    image_size=32,
+    patch_size=8,
+)
+
+
+def _model():
+    torch.manual_seed(0)
+    base = ViTForImageClassification(ViTConfig(**SIZES, num_labels=2))
+    return get_peft_model(
+        base,
+        MASMConfig(
+            num_subspaces=2, subspace_rank=2, modules_to_save=["classifier"], orthogonality_weight=0.1
+        ),
+    )
+
+
+def _batches(nan_at: int, count: int = 4) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(count):
+        pixels = torch.randn(4, 3, 32, 32, generator=generator)
+        if i == nan_at:
+            pixels[1, 0, 5, 7] = float("nan")  # one bad pixel
+        batches.append({"pixel_values": pixels, "labels": torch.tensor([0, 1, 0, 1])})
+    return batches
+
+
+def _factors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "masm_" in n}
+
+
+def _all_finite(model) -> bool:
+    return all(torch.isfinite(p).all() for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _loss(model, batch):
+    return model(**batch).loss
+
+
+def test_training_step_raises_at_the_step_with_the_nan():
+    model = _model()
+    step = TrainingStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), _loss)
+    batches = _batches(nan_at=2)
+    step(batches[0])
+    step(batches[1])
+    before = _factors(model)
+    with pytest.raises(NonFiniteLossError, match="optimizer step 3: the gradients are not finite"):
+        step(batches[2])
+    after = _factors(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # nothing written
+    assert _all_finite(model)
+
+
+def test_training_step_can_skip_the_step_with_a_warning():
+    model = _model()
+    step = TrainingStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), _loss, on_non_finite="skip")
+    batches = _batches(nan_at=1)
+    step(batches[0])
+    before = _factors(model)
+    with pytest.warns(RuntimeWarning, match="optimizer step 2: .* The step is skipped"):
+        out = step(batches[1])
+    assert out.skipped and out.optimizer_step
+    assert all(torch.equal(before[n], p) for n, p in _factors(model).items())
+    out = step(batches[2])  # training goes on
+    assert not out.skipped and _all_finite(model)
+    assert any(not torch.equal(before[n], p) for n, p in _factors(model).items())
+
+
+def test_training_step_with_max_grad_norm_still_stops_on_nan():
+    model = _model()
+    step = TrainingStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3), _loss, max_grad_norm=1.0)
+    with pytest.raises(NonFiniteLossError, match="optimizer step 1"):
+        step(_batches(nan_at=0)[0])
+    assert _all_finite(model)
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.rows = [
+            {"pixel_values": b["pixel_values"][i], "labels": b["labels"][i]}
+            for b in batches
+            for i in range(4)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def _trainer(tmp_path, on_non_finite):
+    model = _model()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    trainer = MASMTrainer(
+        model=model, args=args, train_dataset=_ListDataset(_batches(nan_at=1)), on_non_finite=on_non_finite
+    )
+    # No shuffling, so the bad batch is the second optimizer step.
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    return model, trainer
+
+
+def test_masm_trainer_raises_at_the_step_with_the_nan(tmp_path):
+    model, trainer = _trainer(tmp_path, "raise")
+    with pytest.raises(NonFiniteLossError, match="optimizer step 2"):
+        trainer.train()
+    assert _all_finite(model)
+
+
+def test_masm_trainer_can_skip_the_step(tmp_path):
+    model, trainer = _trainer(tmp_path, "skip")
+    with pytest.warns(RuntimeWarning, match="optimizer step 2: .* The step is skipped"):
+        trainer.train()
+    assert _all_finite(model)
+    assert trainer.state.global_step == 4
