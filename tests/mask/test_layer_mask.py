@@ -154,7 +154,7 @@ def test_bad_input():
         static.base_model.update_layer_mask()
     with pytest.raises(ValueError, match="empty data loader"):
         calibrate_layer_mask(static, [], lambda m, b: None, num_batches=2)
-    with pytest.raises(ValueError, match="mask_keep_ratio must be in"):
+    with pytest.raises(ValueError, match="mask_keep_ratio must be a number in"):
         MASMConfig(mask_keep_ratio=0)
     with pytest.raises(ValueError, match="mask_interval must be a positive integer"):
         MASMConfig(mask_interval=-2)

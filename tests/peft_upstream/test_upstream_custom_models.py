@@ -31,6 +31,12 @@ EXCLUDED: dict[str, dict[str, str]] = {
             "MASMModel.target_module_mapping, exercised by the 'TinyViT 1 MASM' case (target_modules=None)"
         ),
         "test_default_target_modules_str": "as test_default_target_modules_list_of_str",
+        "test_default_target_modules_not_set_raises": (
+            "expects PEFT's generic 'Please specify `target_modules`'; MASM raises its own error naming the model "
+            "types it knows, by design (issue 10): tests/tuner/test_config_and_registration.py::"
+            "test_get_peft_model_on_an_unknown_model_type_gives_masm_s_error"
+        ),
+        "test_default_target_modules_not_set_model_type_set_raises": "as test_default_target_modules_not_set_raises",
     },
 }
 
