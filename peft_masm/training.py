@@ -9,7 +9,10 @@ optimizer step (an accumulation boundary) is fixed here, once:
 3. non-finite check of that norm (after data-parallel synchronisation, so every rank agrees):
    raise :class:`NonFiniteLossError` naming the step, or skip the step with a warning;
 4. ``update_layer_mask()`` (statistics, decisions, masked gradients dropped);
-5. ``optimizer.step()``, ``scheduler.step()``, ``optimizer.zero_grad()``.
+5. ``optimizer.step()``, ``scheduler.step()``;
+6. ``after_optimizer_step(step)`` when given (e.g. PEFT AdaMSS's or AdaLoRA's
+   ``model.base_model.update_and_allocate``, which want the gradients after the step), then
+   ``optimizer.zero_grad()``.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ class TrainingStep:
     ``loss_fn(model, batch)`` returns the task loss; the regularisers of a MASM adapter are added here
     (a LoRA or other PEFT adapter trains through the same step without them). With an ``accelerator``
     the step uses its gradient accumulation, backward, clipping and synchronisation; without one it is
-    a plain PyTorch step (``gradient_accumulation_steps`` is then 1).
+    a plain PyTorch step (``gradient_accumulation_steps`` is then 1). ``after_optimizer_step(step)`` runs
+    after each optimizer step that was taken, before the gradients are cleared (step counts from 1).
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class TrainingStep:
         max_grad_norm: float | None = None,
         on_non_finite: Literal["raise", "skip"] = "raise",
         masm_model: MASMModel | None = None,
+        after_optimizer_step: Callable[[int], Any] | None = None,
     ) -> None:
         if on_non_finite not in ("raise", "skip"):
             raise ValueError(f"on_non_finite must be 'raise' or 'skip', got {on_non_finite!r}.")
@@ -146,6 +151,7 @@ class TrainingStep:
         self.max_grad_norm = max_grad_norm
         self.on_non_finite = on_non_finite
         self.masm = masm_model if masm_model is not None else maybe_masm_model(model)
+        self.after_optimizer_step = after_optimizer_step
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.optimizer_steps = 0  # optimizer steps taken or skipped (accumulation boundaries)
 
@@ -202,6 +208,8 @@ class TrainingStep:
                 self.optimizer.step()  # accelerate's prepared optimizer only steps at boundaries
                 if self.scheduler is not None:
                     self.scheduler.step()
+                if boundary and self.after_optimizer_step is not None:
+                    self.after_optimizer_step(self.optimizer_steps)
             self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(
             loss=float(total.detach()),
