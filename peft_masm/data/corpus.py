@@ -24,7 +24,7 @@ from PIL import Image
 from ..assets import cache_dir as default_cache
 from ..assets import fetch_asset
 from .faces import FaceCropper
-from .forgeries import FAMILIES
+from .forgeries import FAMILIES, NEEDS_DONOR
 from .io import read_image, to_rgb_uint8
 from .video import read_video_frames
 
@@ -179,7 +179,8 @@ def build_forgery_benchmark(
 ) -> datasets.Dataset:
     """Labelled real/fake set: every corpus face once as real (label 0) plus ``fakes_per_face`` fakes
     per family (label 1). Columns: ``image``, ``label``, ``video_id``, ``family`` ("real" for reals),
-    ``identity``, ``source``. Donors for ``colour_swap`` come from a *different* identity of the
+    ``identity``, ``source``. Donors for the swap families (``NEEDS_DONOR``: ``colour_swap``,
+    ``seamless_swap``) come from a *different* identity of the
     same corpus, or from ``donors`` (another corpus) when given; keep train and test apart first.
     """
     families = list(FAMILIES) if families is None else list(families)
@@ -210,14 +211,14 @@ def build_forgery_benchmark(
         for fam in families:
             for r in range(fakes_per_face):
                 donor = None
-                if fam == "colour_swap":
+                if fam in NEEDS_DONOR:
                     others = [j for j, g in enumerate(pool_ids) if g != ids[i]]
                     # Prefer a donor from the same source (e.g. no greyscale LFW face into a colour photo).
                     same = [j for j in others if pool_src[j] == sources[i]]
                     others = same or others
                     if not others:
                         raise ValueError(
-                            "colour_swap needs a donor of another identity: the corpus has one "
+                            f"{fam} needs a donor of another identity: the corpus has one "
                             "identity; pass donors=<a corpus with other identities>"
                         )
                     donor = pool[int(rng.choice(others))]
