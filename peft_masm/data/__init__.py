@@ -27,6 +27,7 @@ _EXPORTS = {
     "build_real_face_corpus": "corpus",
     "build_forgery_benchmark": "corpus",
     "split_by_identity": "corpus",
+    "split_by_person": "corpus",
 }
 __all__ = sorted(_EXPORTS)
 
