@@ -363,17 +363,24 @@ def families_by_group(families: Iterable[str] | None = None) -> dict[str, list[s
     return out
 
 
-def draw_sheet(faces: list[np.ndarray], out: str, seed: int = 0, size: int = 160) -> str:
+def draw_sheet(
+    faces: list[np.ndarray], out: str, seed: int = 0, size: int = 160, families: Iterable[str] | None = None
+) -> str:
     """PNG sheet: one row per face: real, then each family's fake and (below it) its mask; plus a
-    row of amplified differences (|fake - real| x 8) so subtle families are visible."""
+    row of amplified differences (|fake - real| x 8) so subtle families are visible.
+    ``families``: which (default all, in ``FAMILIES`` order)."""
+    names = list(FAMILIES) if families is None else list(families)
+    bad = [f for f in names if f not in FAMILIES]
+    if bad:
+        raise ValueError(f"unknown forgery families {bad}; available: {sorted(FAMILIES)}")
     rng = np.random.default_rng(seed)
     faces = [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in faces]
     rows = []
     for i, face in enumerate(faces):
         donor = faces[(i + 1) % len(faces)]
         top, mid, bot = [face], [np.zeros_like(face)], [np.zeros_like(face)]
-        for fn in FAMILIES.values():
-            fake, mask = fn(face, rng, donor=donor)
+        for name in names:
+            fake, mask = FAMILIES[name](face, rng, donor=donor)
             top.append(fake)
             mid.append(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, -1))
             diff = np.clip(np.abs(fake.astype(np.int16) - face.astype(np.int16)) * 8, 0, 255).astype(np.uint8)
@@ -381,7 +388,7 @@ def draw_sheet(faces: list[np.ndarray], out: str, seed: int = 0, size: int = 160
         rows += [np.concatenate(r, 1) for r in (top, mid, bot)]
     sheet = np.concatenate(rows, 0)
     header = np.full((24, sheet.shape[1], 3), 255, np.uint8)
-    for j, name in enumerate(["real", *FAMILIES]):
+    for j, name in enumerate(["real", *names]):
         cv2.putText(
             header, name, (j * size + 4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA
         )

@@ -179,3 +179,7 @@ def test_sheet(tmp_path, faces):
 
     img = Image.open(out)
     assert img.size == (64 * (1 + len(FAMILIES)), 24 + 64 * 3 * 2)
+    some = draw_sheet(list(faces), str(tmp_path / "some.png"), size=64, families=["face_warp", "webp_patch"])
+    assert Image.open(some).size == (64 * 3, 24 + 64 * 3 * 2)
+    with pytest.raises(ValueError, match="unknown forgery families"):
+        draw_sheet(list(faces), str(tmp_path / "bad.png"), families=["deepfake_magic"])
