@@ -53,7 +53,7 @@ from peft_masm.presets import masm_config
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_forgery"
 DATA_VERSION = "v2"
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.15, "test": 0.25}
-DEFAULT_STEPS, DEFAULT_BATCH, HEAD_LR = 40, 32, 1e-3
+DEFAULT_STEPS, DEFAULT_BATCH, HEAD_LR = 30, 32, 1e-3
 SEEDS = (0, 1, 2, 3, 4)
 NOISE_FLOOR_OFFSET = 100  # the MASM re-run uses seeds 100..104
 
@@ -154,6 +154,13 @@ def methods() -> list[Method]:
         ),
         Method(
             "masm-no-spectral", "peft", adapter_lrs, lambda c: _masm(c, spectral_weight=0.0), part="ablation"
+        ),
+        Method(
+            "masm-no-reg",
+            "peft",
+            adapter_lrs,
+            lambda c: _masm(c, orthogonality_weight=0.0, spectral_weight=0.0),
+            part="ablation",
         ),
         Method(
             "masm-K1",
