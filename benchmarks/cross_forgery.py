@@ -56,6 +56,9 @@ SPLIT_FRACTIONS = {"train": 0.6, "val": 0.15, "test": 0.25}
 DEFAULT_STEPS, DEFAULT_BATCH, HEAD_LR = 30, 32, 1e-3
 SEEDS = (0, 1, 2, 3, 4)
 NOISE_FLOOR_OFFSET = 100  # the MASM re-run uses seeds 100..104
+# MASM's regulariser weight grid: 0.1 (v1's value) let the orthogonality term reach ~5e3 on fp32 DINOv2, and with
+# gradient clipping the task gradient starved (validation AUC 0.50); the sweep chooses between the two.
+REG_WEIGHTS = (0.1, 1e-3)
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -70,7 +73,8 @@ class Method:
     part: str = "main"
     random_init: bool = False
     seed_offset: int = 0
-    lr_from: str | None = None  # reuse another method's chosen learning rate (the sanity and noise rows)
+    lr_from: str | None = None  # reuse another method's chosen hyper-parameters (the sanity and noise rows)
+    reg_weights: tuple[float, ...] = ()  # MASM's regulariser weight, chosen with the learning rate
 
 
 @dataclass
@@ -80,15 +84,16 @@ class BenchContext:
     hidden: int
     layer_norms: list[str]
     steps: int
+    reg_weight: float = 0.0  # this run's regulariser weight (MASM rows with regularisers)
 
 
 def _masm(ctx: BenchContext, **overrides: Any) -> MASMConfig:
-    """The full MASM of this benchmark: K=4 x k=2, both regularisers, the dynamic layer mask."""
+    """The full MASM of this benchmark: K=4 x k=2, both regularisers (weight chosen by ``sweep``), dynamic mask."""
     fields: dict[str, Any] = dict(
         num_subspaces=4,
         subspace_rank=2,
-        orthogonality_weight=0.1,
-        spectral_weight=0.1,
+        orthogonality_weight=ctx.reg_weight,
+        spectral_weight=ctx.reg_weight,
         layer_mask="dynamic",
         mask_warmup=max(1, ctx.steps // 4),  # first decision after a quarter of the run, then ~3 more
         mask_interval=max(1, ctx.steps // 4),
@@ -142,18 +147,39 @@ def methods() -> list[Method]:
         Method("adamss", "peft", adapter_lrs, _adamss),
         Method("ln-tuning", "peft", adapter_lrs, _ln_tuning),
         Method("effort", "peft", adapter_lrs, lambda ctx: masm_config("effort")),
-        Method("masm", "peft", adapter_lrs, _masm),
-        Method("masm-reseed", "peft", adapter_lrs, _masm, seed_offset=NOISE_FLOOR_OFFSET, lr_from="masm"),
-        Method("masm-no-mask", "peft", adapter_lrs, lambda c: _masm(c, layer_mask="none"), part="ablation"),
+        Method("masm", "peft", adapter_lrs, _masm, reg_weights=REG_WEIGHTS),
+        Method(
+            "masm-reseed",
+            "peft",
+            adapter_lrs,
+            _masm,
+            seed_offset=NOISE_FLOOR_OFFSET,
+            lr_from="masm",
+            reg_weights=REG_WEIGHTS,
+        ),
+        Method(
+            "masm-no-mask",
+            "peft",
+            adapter_lrs,
+            lambda c: _masm(c, layer_mask="none"),
+            part="ablation",
+            reg_weights=REG_WEIGHTS,
+        ),
         Method(
             "masm-no-ortho",
             "peft",
             adapter_lrs,
             lambda c: _masm(c, orthogonality_weight=0.0),
             part="ablation",
+            reg_weights=REG_WEIGHTS,
         ),
         Method(
-            "masm-no-spectral", "peft", adapter_lrs, lambda c: _masm(c, spectral_weight=0.0), part="ablation"
+            "masm-no-spectral",
+            "peft",
+            adapter_lrs,
+            lambda c: _masm(c, spectral_weight=0.0),
+            part="ablation",
+            reg_weights=REG_WEIGHTS,
         ),
         Method(
             "masm-no-reg",
@@ -168,6 +194,7 @@ def methods() -> list[Method]:
             adapter_lrs,
             lambda c: _masm(c, num_subspaces=1, subspace_rank=8),
             part="ablation",
+            reg_weights=REG_WEIGHTS,
         ),
     ]
 
@@ -463,8 +490,17 @@ def _real_vs(data: dict[str, Any], scores: np.ndarray, family: str) -> tuple[np.
 
 
 # ------------------------------------------------------------------------------------------------ commands
-def _run_path(root: Path, backbone: str, stage: str, method: str, fold: str, seed: int, lr: float) -> Path:
-    return root / backbone / stage / f"{method}__{fold}__s{seed}__lr{lr:g}.json"
+Hyper = tuple[float, float | None]  # (learning rate, regulariser weight or None)
+
+
+def _run_path(root: Path, backbone: str, stage: str, method: str, fold: str, seed: int, hyper: Hyper) -> Path:
+    lr, weight = hyper
+    suffix = f"__w{weight:g}" if weight is not None else ""
+    return root / backbone / stage / f"{method}__{fold}__s{seed}__lr{lr:g}{suffix}.json"
+
+
+def _grid(method: Method) -> list[Hyper]:
+    return [(lr, w) for lr in method.lrs for w in (method.reg_weights or (None,))]
 
 
 def _save(path: Path, result: dict[str, Any]) -> None:
@@ -479,17 +515,17 @@ def _runs(root: Path, backbone: str, stage: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def chosen_lrs(root: Path, backbone: str) -> dict[str, float]:
-    """Each method's learning rate with the best mean validation AUC over the folds of ``sweep``."""
-    scores: dict[tuple[str, float], list[float]] = {}
+def chosen_hyper(root: Path, backbone: str) -> dict[str, Hyper]:
+    """Each method's (learning rate, regulariser weight) with the best mean validation AUC over the sweep folds."""
+    scores: dict[tuple[str, Hyper], list[float]] = {}
     for run in _runs(root, backbone, "sweep"):
-        scores.setdefault((run["method"], run["lr"]), []).append(run["val_auc"])
-    best: dict[str, tuple[float, float]] = {}
-    for (method, lr), values in scores.items():
+        scores.setdefault((run["method"], (run["lr"], run.get("reg_weight"))), []).append(run["val_auc"])
+    best: dict[str, tuple[Hyper, float]] = {}
+    for (method, hyper), values in sorted(scores.items(), key=lambda item: (item[0][0], str(item[0][1]))):
         mean = float(np.mean(values))
         if method not in best or mean > best[method][1]:
-            best[method] = (lr, mean)
-    chosen = {method: lr for method, (lr, _) in best.items()}
+            best[method] = (hyper, mean)
+    chosen = {method: hyper for method, (hyper, _) in best.items()}
     for method in METHODS.values():
         if method.lr_from and method.lr_from in chosen:
             chosen[method.name] = chosen[method.lr_from]
@@ -508,7 +544,7 @@ def _loop(args: argparse.Namespace, stage: str) -> None:
     groups = list(mechanism_groups())
     folds = [groups[int(i)] for i in args.folds.split(",")] if args.folds else groups
     seeds = (0,) if args.quick or stage == "sweep" else SEEDS
-    chosen = chosen_lrs(args.results, args.backbone) if stage == "table" else {}
+    chosen = chosen_hyper(args.results, args.backbone) if stage == "table" else {}
     ctx = bench_context(args.backbone, args.steps)
     if args.quick:
         folds = folds[:1]
@@ -528,22 +564,26 @@ def _loop(args: argparse.Namespace, stage: str) -> None:
                 raise SystemExit(
                     f"no sweep result for {method.name}: run `sweep` first (it chooses the learning rate)"
                 )
-            lrs = method.lrs if stage == "sweep" else (chosen[method.name],)
+            grid = _grid(method) if stage == "sweep" else [chosen[method.name]]
             if args.quick:
-                lrs = lrs[:1]
+                grid = grid[:1]
             for seed in seeds:
-                for lr in lrs:
-                    path = _run_path(args.results, args.backbone, stage, method.name, group, seed, lr)
+                for lr, weight in grid:
+                    path = _run_path(
+                        args.results, args.backbone, stage, method.name, group, seed, (lr, weight)
+                    )
                     if path.exists():
                         continue  # finished earlier: the commands resume
+                    ctx.reg_weight = weight or 0.0
                     result = train_and_score(
                         args.backbone, ctx, fold, method, lr, seed, args.batch, score_test=stage == "table"
                     )
+                    result["reg_weight"] = weight
                     result.update(backbone=args.backbone, image_size=args.image_size, counts=faces["counts"])
                     _save(path, result)
                     test = f" test {result['test_auc']:.3f}" if "test_auc" in result else ""
                     print(
-                        f"{group:>12} {method.name:>18} s{seed} lr {lr:g}: val {result['val_auc']:.3f}{test} "
+                        f"{group:>12} {method.name:>18} s{seed} lr {lr:g} w {weight}: val {result['val_auc']:.3f}{test} "
                         f"({result['seconds']:.1f} s)",
                         flush=True,
                     )
@@ -610,6 +650,7 @@ def report(root: Path, backbone: str, resamples: int = 300) -> dict[str, Any]:
             "trainable_backbone": items[0]["trainable"]["backbone"],
             "seconds_per_run": float(np.mean([r["seconds"] for r in items])),
             "lr": items[0]["lr"],
+            "reg_weight": items[0].get("reg_weight"),
         }
         pairs = []
         for r in items:
