@@ -32,7 +32,7 @@ def test_quick_benchmark_runs_every_method_and_reports(tmp_path):
     for name, row in rows.items():
         assert 0.0 <= row["heldout_mean"] <= 1.0 and 0.0 <= row["in_domain"] <= 1.0, name
         if name != "masm":
-            low, point, high = row["vs_masm"][1], row["vs_masm"][0], row["vs_masm"][2]
+            low, point, high = row["paired"][1], row["paired"][0], row["paired"][2]
             assert low <= point <= high, name
     # The adapters train what they should: a probe nothing of the backbone, full fine-tuning all of it.
     assert rows["linear-probe"]["trainable_backbone"] == 0
