@@ -142,7 +142,14 @@ def methods() -> list[Method]:
     adapter_lrs = (1e-3, 3e-3)
     return [
         Method("linear-probe", "probe", (1e-3, 3e-3)),
-        Method("probe-random-init", "probe", (1e-3,), random_init=True, lr_from="linear-probe"),
+        Method(
+            "probe-random-init",
+            "probe",
+            (1e-3,),
+            random_init=True,
+            lr_from="linear-probe",
+            paired_with="linear-probe",  # the sanity row: must come out clearly below the pretrained probe
+        ),
         Method("full-ft", "full", (1e-5, 3e-5)),
         Method("lora-r8", "peft", adapter_lrs, _lora),
         Method("osf", "peft", adapter_lrs, _osf),
@@ -623,9 +630,18 @@ def report(root: Path, backbone: str, resamples: int = 300) -> dict[str, Any]:
         by_method.setdefault(run["method"], []).append(run)
     rng = np.random.default_rng(0)
     references = {name: {(r["fold"], r["seed"]): r for r in items} for name, items in by_method.items()}
+    # While a table is still running, rows may cover different folds: the means use the folds every main row has.
+    main_rows = [m.name for m in methods() if m.part == "main" and m.name in by_method]
+    common = (
+        set.intersection(*({r["fold"] for r in by_method[name]} for name in main_rows))
+        if main_rows
+        else set()
+    )
     rows = []
     for name in [m.name for m in methods() if m.name in by_method]:
         items = by_method[name]
+        if METHODS[name].part == "main" and common:
+            items = [r for r in items if r["fold"] in common]
         folds = sorted({r["fold"] for r in items})
         per_group = {g: float(np.mean([r["test_auc"] for r in items if r["fold"] == g])) for g in folds}
         families: dict[str, list[float]] = {}
@@ -670,6 +686,7 @@ def report(root: Path, backbone: str, resamples: int = 300) -> dict[str, Any]:
             row["paired_with"] = METHODS[name].paired_with
         rows.append(row)
     summary = {
+        "main_folds": sorted(common),
         "backbone": backbone,
         "rows": rows,
         "counts": runs[0].get("counts"),
@@ -686,9 +703,9 @@ def report(root: Path, backbone: str, resamples: int = 300) -> dict[str, Any]:
 
 def table_markdown(summary: dict[str, Any]) -> str:
     groups = sorted({g for row in summary["rows"] for g in row["per_group"]})
-    head = "| method | backbone params trained | held-out mean AUC | seed sd | " + " | ".join(groups)
+    head = "| method | backbone params trained | folds | held-out mean AUC | seed sd | " + " | ".join(groups)
     head += " | in-domain AUC | vs MASM (paired, 95 % CI) | s/run |"
-    lines = [head, "|" + "---|" * (len(groups) + 7)]
+    lines = [head, "|" + "---|" * (len(groups) + 8)]
     for row in summary["rows"]:
         vs = row.get("paired")
         partner = "" if row.get("paired_with", "masm") == "masm" else f" (vs {row['paired_with']})"
@@ -701,7 +718,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
             f"{row['per_group'][g]:.3f}" if g in row["per_group"] else "" for g in groups
         )
         lines.append(
-            f"| {row['method']} | {row['trainable_backbone']:,} | {row['heldout_mean']:.3f} | "
+            f"| {row['method']} | {row['trainable_backbone']:,} | {len(row['folds'])} | {row['heldout_mean']:.3f} | "
             f"{row['heldout_seed_std']:.3f} | {groups_cells} | {row['in_domain']:.3f} | {cell} | "
             f"{row['seconds_per_run']:.0f} |"
         )
