@@ -137,9 +137,25 @@ def _ln_tuning(ctx: BenchContext):
     return LNTuningConfig(target_modules=list(ctx.layer_norms))
 
 
+ADAPTER_LRS = (1e-3, 3e-3)
+
+
+def _ablation(name: str, **overrides: Any) -> Method:
+    """MASM with one part removed; the regulariser weight is swept only while a regulariser remains."""
+    weights = overrides.get("orthogonality_weight", 1.0) or overrides.get("spectral_weight", 1.0)
+    return Method(
+        name,
+        "peft",
+        ADAPTER_LRS,
+        lambda ctx: _masm(ctx, **overrides),
+        part="ablation",
+        reg_weights=REG_WEIGHTS if weights else (),
+    )
+
+
 def methods() -> list[Method]:
     """Every row of the table, in display order."""
-    adapter_lrs = (1e-3, 3e-3)
+    adapter_lrs = ADAPTER_LRS
     return [
         Method("linear-probe", "probe", (1e-3, 3e-3)),
         Method(
@@ -166,45 +182,11 @@ def methods() -> list[Method]:
             lr_from="effort",
             paired_with="effort",
         ),
-        Method(
-            "masm-no-mask",
-            "peft",
-            adapter_lrs,
-            lambda c: _masm(c, layer_mask="none"),
-            part="ablation",
-            reg_weights=REG_WEIGHTS,
-        ),
-        Method(
-            "masm-no-ortho",
-            "peft",
-            adapter_lrs,
-            lambda c: _masm(c, orthogonality_weight=0.0),
-            part="ablation",
-            reg_weights=REG_WEIGHTS,
-        ),
-        Method(
-            "masm-no-spectral",
-            "peft",
-            adapter_lrs,
-            lambda c: _masm(c, spectral_weight=0.0),
-            part="ablation",
-            reg_weights=REG_WEIGHTS,
-        ),
-        Method(
-            "masm-no-reg",
-            "peft",
-            adapter_lrs,
-            lambda c: _masm(c, orthogonality_weight=0.0, spectral_weight=0.0),
-            part="ablation",
-        ),
-        Method(
-            "masm-K1",
-            "peft",
-            adapter_lrs,
-            lambda c: _masm(c, num_subspaces=1, subspace_rank=8),
-            part="ablation",
-            reg_weights=REG_WEIGHTS,
-        ),
+        _ablation("masm-no-mask", layer_mask="none"),
+        _ablation("masm-no-ortho", orthogonality_weight=0.0),
+        _ablation("masm-no-spectral", spectral_weight=0.0),
+        _ablation("masm-no-reg", orthogonality_weight=0.0, spectral_weight=0.0),
+        _ablation("masm-K1", num_subspaces=1, subspace_rank=8),
     ]
 
 

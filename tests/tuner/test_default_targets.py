@@ -18,7 +18,6 @@ import transformers as tf
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-import peft_masm
 from peft_masm import MASMConfig
 from peft_masm.tuner import DEFAULT_ATTENTION_TARGETS, DEFAULT_MLP_TARGETS, default_target_modules
 
@@ -245,7 +244,3 @@ def test_siglip_merged_equals_unmerged_after_regularised_training():
         unmerged = model(pixel_values=pixels).pooler_output
         merged = model.merge_and_unload()(pixel_values=pixels).pooler_output
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
-
-
-def test_package_registers_masm():
-    assert peft_masm.MASMModel.target_module_mapping is DEFAULT_ATTENTION_TARGETS
