@@ -26,6 +26,8 @@ PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType(
                 "layer_mask": "none",
                 "orthogonality_weight": 0.0,
                 "spectral_weight": 0.0,
+                "fit_constraint": "none",
+                "subspace_alpha": None,
             }
         ),
         "paper": MappingProxyType(

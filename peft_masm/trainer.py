@@ -3,7 +3,8 @@
 ``MASMTrainer`` adds the regularisers to the loss and installs :class:`MASMTrainerCallback`, which runs
 the static mask's calibration at the start of training and, at every optimizer step, the non-finite
 check and ``update_layer_mask()`` in ``on_pre_optimizer_step`` (after the Trainer's gradient clipping,
-before ``optimizer.step()``), exactly where ``TrainingStep`` runs them.
+before ``optimizer.step()``) and the fit-bound projection in ``on_optimizer_step`` (right after it),
+exactly where ``TrainingStep`` runs them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class MASMTrainerCallback(TrainerCallback):
         params = [p for p in model.parameters() if p.requires_grad]
         if check_finite_gradients(params, state.global_step + 1, self.on_non_finite):
             find_masm_model(model).update_layer_mask()
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+        find_masm_model(model).apply_fit_bound()
 
 
 class MASMTrainer(Trainer):

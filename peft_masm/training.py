@@ -9,7 +9,8 @@ optimizer step (an accumulation boundary) is fixed here, once:
 3. non-finite check of that norm (after data-parallel synchronisation, so every rank agrees):
    raise :class:`NonFiniteLossError` naming the step, or skip the step with a warning;
 4. ``update_layer_mask()`` (statistics, decisions, masked gradients dropped);
-5. ``optimizer.step()``, ``scheduler.step()``;
+5. ``optimizer.step()``, then ``apply_fit_bound()`` (subspaces that outgrew ``fit_bound * rho`` are
+   projected back onto it), ``scheduler.step()``;
 6. ``after_optimizer_step(step)`` when given (e.g. PEFT AdaMSS's or AdaLoRA's
    ``model.base_model.update_and_allocate``, which want the gradients after the step), then
    ``optimizer.zero_grad()``.
@@ -206,6 +207,8 @@ class TrainingStep:
                     self.masm.update_layer_mask()
             if not skipped:
                 self.optimizer.step()  # accelerate's prepared optimizer only steps at boundaries
+                if boundary and self.masm is not None:
+                    self.masm.apply_fit_bound()
                 if self.scheduler is not None:
                     self.scheduler.step()
                 if boundary and self.after_optimizer_step is not None:

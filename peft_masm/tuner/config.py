@@ -20,6 +20,7 @@ PARTITIONS = ("contiguous", "interleaved")
 TRAIN_FACTORS = ("all", "singular_values", "vectors")
 LAYER_MASK_MODES = ("dynamic", "static", "none")
 MASK_GRANULARITIES = ("layer", "subspace")
+FIT_CONSTRAINTS = ("projection", "penalty", "none")
 
 # Attention projections per `model.config.model_type` (checked against transformers 5.23 on tiny
 # configs, tests/tuner/test_default_targets.py). Plain names match a module name's last component(s);
@@ -163,6 +164,15 @@ class MASMConfig(PeftConfig):
         default="all",
         metadata={"help": "Which factors train: U, s and V ('all'), only s, or only U and V ('vectors')."},
     )
+    subspace_alpha: float | None = field(
+        default=100.0,
+        metadata={
+            "help": "Scale of the trainable singular values: s_j = s_j0 + subspace_alpha * rho * masm_s_j, rho the "
+            "layer's RMS singular value, so a subspace's effective learning rate does not depend on how small its "
+            "starting singular values are (like lora_alpha, it multiplies the adapter's step). None: the raw "
+            "parametrisation, masm_s is s itself (Effort's; adapters saved before peft_masm 0.3 load as None)."
+        },
+    )
     orthogonality_weight: float = field(
         default=0.0,
         metadata={
@@ -177,8 +187,17 @@ class MASMConfig(PeftConfig):
     fit_bound: float = field(
         default=1.0,
         metadata={
-            "help": "gamma: no artifact subspace's spectral norm should exceed gamma * sigma_r (the smallest frozen "
-            "singular value). Used by the spectral regulariser and by the dynamic layer mask."
+            "help": "gamma: no artifact subspace's spectral norm may exceed gamma * rho, rho = ||W||_F / sqrt(d) "
+            "being the layer's RMS singular value (a scale that is meaningful on any backbone and precision). "
+            "Enforced as `fit_constraint` says."
+        },
+    )
+    fit_constraint: Literal["projection", "penalty", "none"] = field(
+        default="projection",
+        metadata={
+            "help": "How the fit bound acts: 'projection' scales a subspace that outgrew it back onto it after "
+            "each optimizer step (the subspace keeps training), 'penalty' adds "
+            "relu(||U_j s_j V_j^T|| / rho - gamma)^2 to the spectral regulariser, 'none' leaves it off."
         },
     )
     init_weights: bool = field(
@@ -251,8 +270,11 @@ class MASMConfig(PeftConfig):
         _check_integer(self, "subspace_rank", minimum=1)
         _check_integer(self, "mask_interval", minimum=1)
         _check_integer(self, "mask_warmup", minimum=0)
-        for name in ("orthogonality_weight", "spectral_weight", "fit_bound"):
+        for name in ("orthogonality_weight", "spectral_weight"):
             _check_real(self, name, "a finite number >= 0", lambda v: v >= 0)
+        _check_real(self, "fit_bound", "a finite number > 0", lambda v: v > 0)
+        if self.subspace_alpha is not None:
+            _check_real(self, "subspace_alpha", "None or a finite number > 0", lambda v: v > 0)
         _check_real(self, "mask_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
         _check_real(self, "mask_ema_decay", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
         for name in ("init_weights", "check_base_model"):
@@ -266,6 +288,7 @@ class MASMConfig(PeftConfig):
             "train_factors": TRAIN_FACTORS,
             "layer_mask": LAYER_MASK_MODES,
             "mask_granularity": MASK_GRANULARITIES,
+            "fit_constraint": FIT_CONSTRAINTS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -285,6 +308,8 @@ class MASMConfig(PeftConfig):
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
         """Refuse an adapter_config.json written by a newer peft_masm (PEFT calls this before building the config)."""
         check_saved_version(kwargs.get("peft_masm_version"))
+        # Adapters saved before the scaled parametrisation existed store s itself in masm_s.
+        kwargs.setdefault("subspace_alpha", None)
         return super().check_kwargs(**kwargs)
 
     @classmethod

@@ -47,6 +47,8 @@ class MASMLayer(BaseTunerLayer):
         "masm_init_weights",
         "masm_check_base",
         "masm_fit_bound",
+        "masm_fit_constraint",
+        "masm_subspace_alpha",
         "masm_pending",
     )
 
@@ -67,6 +69,9 @@ class MASMLayer(BaseTunerLayer):
         self.masm_init_weights: dict[str, bool] = {}
         self.masm_check_base: dict[str, bool] = {}
         self.masm_fit_bound: dict[str, float] = {}
+        self.masm_fit_constraint: dict[str, str] = {}
+        self.masm_subspace_alpha: dict[str, float | None] = {}
+        self._masm_rho: dict[str, float] = {}  # reference scale per adapter, read once from the fingerprint
         self.masm_pending: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -116,6 +121,8 @@ class MASMLayer(BaseTunerLayer):
         self.masm_init_weights[adapter_name] = config.init_weights
         self.masm_check_base[adapter_name] = config.check_base_model
         self.masm_fit_bound[adapter_name] = config.fit_bound
+        self.masm_fit_constraint[adapter_name] = config.fit_constraint
+        self.masm_subspace_alpha[adapter_name] = config.subspace_alpha
         self.masm_pending[adapter_name] = True
         frozen = {"all": (), "singular_values": ("masm_U", "masm_V"), "vectors": ("masm_s",)}[
             config.train_factors
@@ -162,10 +169,13 @@ class MASMLayer(BaseTunerLayer):
         self.masm_V0[adapter_name].copy_(V0)
         self.masm_sigma_r[adapter_name].fill_(float(triplets.sigma_r))
         self.masm_fingerprint[adapter_name].copy_(weight_fingerprint(self.get_base_layer().weight))
+        self._masm_rho.pop(adapter_name, None)
+        scaled = self.masm_subspace_alpha[adapter_name] is not None
         for j in range(num):
             cols = slice(j * rank, (j + 1) * rank)
             self.masm_U[adapter_name][j].copy_(U0[:, cols])
-            self.masm_s[adapter_name][j].copy_(S0[cols])
+            # Scaled parametrisation: the trainable offset starts at 0 (s = s0). Raw: s itself starts at s0.
+            self.masm_s[adapter_name][j].copy_(torch.zeros_like(S0[cols]) if scaled else S0[cols])
             self.masm_V[adapter_name][j].copy_(V0[:, cols])
         if not self.masm_init_weights[adapter_name]:
             self._perturb(adapter_name)
@@ -175,8 +185,9 @@ class MASMLayer(BaseTunerLayer):
     def _perturb(self, adapter_name: str) -> None:
         """A non-identity start (``init_weights=False``), used by tests."""
         sigma_r = float(self.masm_sigma_r[adapter_name])
+        unit = self.singular_value_unit(adapter_name) or 1.0
         for U, s, V in zip(self.masm_U[adapter_name], self.masm_s[adapter_name], self.masm_V[adapter_name]):
-            s.add_(torch.randn_like(s) * 0.5 * sigma_r)
+            s.add_(torch.randn_like(s) * 0.5 * max(sigma_r, 1e-3) / unit)
             U.add_(torch.randn_like(U) * 0.3 / math.sqrt(U.shape[0]))
             V.add_(torch.randn_like(V) * 0.3 / math.sqrt(V.shape[0]))
 
@@ -191,6 +202,7 @@ class MASMLayer(BaseTunerLayer):
         """Mark adapters whose factors were just loaded as decomposed, and check their base weight."""
         for adapter_name in adapter_names:
             self.masm_pending[adapter_name] = False
+            self._masm_rho.pop(adapter_name, None)
             if self.masm_check_base[adapter_name]:
                 self._check_base_weight(adapter_name, prefix)
 
@@ -209,12 +221,26 @@ class MASMLayer(BaseTunerLayer):
             )
 
     # ------------------------------------------------------------------------------------ the delta
+    def singular_value_unit(self, adapter_name: str) -> float | None:
+        """``subspace_alpha * rho``: what one unit of the trainable ``masm_s`` is worth in singular value
+        (``None``: the raw parametrisation, ``masm_s`` is ``s`` itself)."""
+        alpha = self.masm_subspace_alpha[adapter_name]
+        return None if alpha is None else alpha * self.reference_scale_value(adapter_name)
+
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The trainable factors concatenated over subspaces: U (m, K*k), s (K*k,), V (n, K*k)."""
+        """The factors concatenated over subspaces: U (m, K*k), s (K*k,), V (n, K*k).
+
+        With ``subspace_alpha`` set, ``s = s0 + subspace_alpha * rho * masm_s``: the trainable offset is
+        measured in the layer's own scale, so Adam moves a subspace by about ``subspace_alpha * rho * lr`` per
+        step however small its starting singular values are (they sit at 1e-4..1e-2 rho on real backbones).
+        """
         self._require_factors(adapter_name)
         U = torch.cat(list(self.masm_U[adapter_name]), dim=1)
         s = torch.cat(list(self.masm_s[adapter_name]))
         V = torch.cat(list(self.masm_V[adapter_name]), dim=1)
+        unit = self.singular_value_unit(adapter_name)
+        if unit is not None:
+            s = self.masm_s0[adapter_name] + unit * s
         return U, s, V
 
     def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,33 +259,84 @@ class MASMLayer(BaseTunerLayer):
         # Delta has rank <= 2*K*k, so PEFT's `save_as_lora(..., rank=2*K*k)` is exact.
         return True
 
+    def reference_scale_value(self, adapter_name: str) -> float:
+        """``rho = ||W||_F / sqrt(d)``, the frozen weight's RMS singular value: the unit of the fit bound, of the
+        regularisers and of the scaled singular values (it cannot vanish, unlike ``sigma_r``). Read once from
+        the fingerprint saved with the adapter (one device sync), then cached."""
+        if adapter_name not in self._masm_rho:
+            energy = float(self.masm_fingerprint[adapter_name][0].square())
+            if energy <= 0:  # a fingerprint-less adapter (saved by an old version): the base weight itself
+                energy = float(self.get_base_layer().weight.detach().float().square().sum())
+            self._masm_rho[adapter_name] = math.sqrt(energy / min(self.in_features, self.out_features))
+        return self._masm_rho[adapter_name]
+
     def regularization_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """This layer's orthogonality and spectral terms (see ``peft_masm.regularizers``)."""
+        """This layer's orthogonality and spectral terms (see ``peft_masm.tuner.regularizers``)."""
         U, s, V = self.factors(adapter_name)
         rank = self.masm_subspace_rank[adapter_name]
         weight = self.get_base_layer().weight
-        # ||W||_F of the frozen base weight is the first entry of its saved fingerprint.
-        energy = self.masm_fingerprint[adapter_name][0].square()
+        rho = self.reference_scale_value(adapter_name)
+        penalty = self.masm_fit_constraint[adapter_name] == "penalty"
         return regularizers.layer_terms(
             weight=weight.to(torch.float32),
-            energy=energy,
+            energy=rho**2 * min(self.in_features, self.out_features),
             U=U,
             s=s,
             V=V,
             U0=self.masm_U0[adapter_name],
             s0=self.masm_s0[adapter_name],
             V0=self.masm_V0[adapter_name],
-            sigma_r=self.masm_sigma_r[adapter_name][0],
             subspace_rank=rank,
-            fit_bound=self.masm_fit_bound[adapter_name],
+            fit_bound=self.masm_fit_bound[adapter_name] if penalty else None,
         )
 
     def subspace_norms(self, adapter_name: str) -> torch.Tensor:
-        """Spectral norm of each artifact subspace ``U_j diag(s_j) V_j^T`` relative to ``sigma_r`` (K,)."""
+        """Spectral norm of each artifact subspace ``U_j diag(s_j) V_j^T`` in units of ``rho`` (K,)."""
         with torch.no_grad():
             U, s, V = self.factors(adapter_name)
             norms = regularizers.subspace_spectral_norms(U, s, V, self.masm_subspace_rank[adapter_name])
-            return norms / self.masm_sigma_r[adapter_name][0].clamp_min(1e-12)
+            return norms / max(self.reference_scale_value(adapter_name), 1e-12)
+
+    def subspace_movement(self, adapter_name: str) -> torch.Tensor:
+        """How far each subspace moved: ``||U_j diag(s_j) V_j^T - U_j0 diag(s_j0) V_j0^T||_F / rho`` (K,)."""
+        with torch.no_grad():
+            U, s, V = self.factors(adapter_name)
+            U0, s0, V0 = (
+                self.masm_U0[adapter_name],
+                self.masm_s0[adapter_name],
+                self.masm_V0[adapter_name],
+            )
+            rank = self.masm_subspace_rank[adapter_name]
+            out = []
+            for j in range(self.masm_num_subspaces[adapter_name]):
+                cols = slice(j * rank, (j + 1) * rank)
+                A = torch.cat([V[:, cols], V0[:, cols]], dim=1)
+                B = torch.cat([U[:, cols] * s[cols], -U0[:, cols] * s0[cols]], dim=1)
+                # ||B A^T||_F^2 = trace((B^T B)(A^T A)): no dense m x n product.
+                out.append(((B.T @ B) * (A.T @ A)).sum().clamp_min(0).sqrt())
+            return torch.stack(out) / max(self.reference_scale_value(adapter_name), 1e-12)
+
+    @torch.no_grad()
+    def apply_fit_bound(self, adapter_name: str) -> torch.Tensor:
+        """Project the subspaces that outgrew ``fit_bound * rho`` back onto it (their ``s_j`` are scaled
+        down; directions are kept) and return how many were limited (a 0-d tensor: no device sync). A
+        limited subspace trains on as before; nothing is frozen."""
+        if self.masm_fit_constraint[adapter_name] != "projection" or self.pending_decomposition(adapter_name):
+            return torch.zeros((), dtype=torch.long)
+        U, s, V = self.factors(adapter_name)
+        rank = self.masm_subspace_rank[adapter_name]
+        limit = self.masm_fit_bound[adapter_name] * self.reference_scale_value(adapter_name)
+        scales = regularizers.fit_bound_scales(U, s, V, rank, limit)
+        unit = self.singular_value_unit(adapter_name)
+        s0 = self.masm_s0[adapter_name]
+        factor: torch.Tensor
+        for j, factor in enumerate(self.masm_s[adapter_name]):
+            if unit is None:
+                factor.mul_(scales[j])
+            else:  # scale s_j = s0_j + unit * t_j, and write the offset t_j back
+                start = s0[j * rank : (j + 1) * rank]
+                factor.copy_(((start + unit * factor) * scales[j] - start) / unit)
+        return (scales < 1).sum()
 
     # ------------------------------------------------------------------------------------ merging
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -3,14 +3,19 @@
 A *unit* is a layer (``mask_granularity="layer"``) or one (layer, subspace) pair. For each unit the
 controller keeps exponential moving averages of its gradients (mean and second moment, per element)
 and scores its learning state by the gradient signal-to-noise ratio
-``GSNR = ||m||^2 / sum(E[g^2] - m^2)``. At each decision the units with the lowest GSNR (all but the
-``mask_keep_ratio`` best) and the units whose subspace outgrew its fit bound are masked until the next
-decision: their gradients are set to ``None`` before ``optimizer.step()``, so Adam neither moves nor
-decays them. Masks are the layers' persistent ``masm_mask`` buffers; ``requires_grad`` is never touched.
+``GSNR = ||m||^2 / sum(E[g^2] - m^2)``. At each decision the ``mask_keep_ratio`` best units train until
+the next decision and the others are masked: their gradients are set to ``None`` before
+``optimizer.step()``, so Adam neither moves nor decays them. The decision can change its mind: the
+statistics keep folding in the gradients of masked units (they are computed by ``backward()`` and read
+before they are dropped), so a masked unit whose updates become consistent again is kept at a later
+decision. How strongly a subspace may fit is not the mask's business (``fit_constraint`` bounds it
+without freezing anything). Masks are the layers' persistent ``masm_mask`` buffers; ``requires_grad``
+is never touched.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +25,8 @@ import torch
 if TYPE_CHECKING:
     from .config import MASMConfig
     from .layer import MASMLayer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,28 +116,39 @@ class LayerMaskController:
         return torch.tensor(scores, dtype=torch.float64)
 
     # ------------------------------------------------------------------------------------ decisions
-    def _over_fit_bound(self) -> torch.Tensor:
-        over = []
-        for unit in self.units:
-            norms = unit.layer.subspace_norms(self.adapter_name)[unit.subspaces]
-            over.append(bool((norms > self.config.fit_bound).any()))
-        return torch.tensor(over)
-
     @torch.no_grad()
     def decide(self, global_step: int) -> torch.Tensor:
-        """Mask the low-GSNR units and those over their fit bound; returns the keep mask (1 = trains)."""
+        """Keep the ``mask_keep_ratio`` units of highest GSNR, mask the rest; returns the keep mask (1 = trains)."""
         scores = self.gsnr()
         num_keep = max(1, math.ceil(self.config.mask_keep_ratio * len(self.units)))
         # Stable descending order: ties go to the earlier unit, so decisions are deterministic.
         order = sorted(range(len(self.units)), key=lambda i: (-scores[i].item(), i))
         keep = torch.zeros(len(self.units))
         keep[order[:num_keep]] = 1.0
-        if self.config.layer_mask == "dynamic":
-            keep[self._over_fit_bound()] = 0.0
+        previous = self._keep
         self._write_masks(keep)
         self.history_steps.append(int(global_step))
         self.history_masks.append(keep.tolist())
+        current = self.current_keep()
+        returned = 0 if previous is None else sum(int(now and not was) for was, now in zip(previous, current))
+        logger.info(
+            "MASM layer mask at step %d: %d of %d units train (%d back from masked)",
+            global_step,
+            num_keep,
+            len(self.units),
+            returned,
+        )
         return keep
+
+    def decision_summary(self) -> list[dict[str, int]]:
+        """Per decision: its step, how many units train, and how many came back from being masked."""
+        out, previous = [], None
+        for step, row in zip(self.history_steps, self.history_masks):
+            kept = [v > 0.5 for v in row]
+            back = 0 if previous is None else sum(1 for was, now in zip(previous, kept) if now and not was)
+            out.append({"step": int(step), "trained_units": sum(kept), "units": len(kept), "came_back": back})
+            previous = kept
+        return out
 
     def _write_masks(self, keep: torch.Tensor) -> None:
         for unit, value in zip(self.units, keep.tolist()):

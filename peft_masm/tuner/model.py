@@ -200,6 +200,29 @@ class MASMModel(BaseTuner):
         total = config.orthogonality_weight * orthogonality + config.spectral_weight * spectral
         return {"orthogonality": orthogonality, "spectral": spectral, "total": total}
 
+    @torch.no_grad()
+    def apply_fit_bound(self, adapter_name: str | None = None) -> torch.Tensor:
+        """After ``optimizer.step()``: project every subspace that outgrew ``fit_bound * rho`` back onto the bound
+        (``fit_constraint="projection"``; a no-op otherwise). Returns how many subspaces were limited (0-d
+        tensor). ``TrainingStep`` and ``MASMTrainer`` call it for you."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        limited = torch.zeros((), dtype=torch.long)
+        if self.peft_config[adapter_name].fit_constraint != "projection":
+            return limited
+        for _, layer in self.masm_layers(adapter_name):
+            limited = limited + layer.apply_fit_bound(adapter_name).cpu()
+        return limited
+
+    @torch.no_grad()
+    def subspace_movement(self, adapter_name: str | None = None) -> dict[str, list[float]]:
+        """Per layer, how far each artifact subspace moved from its start, in units of the layer's scale rho
+        (``||U_j s_j V_j^T - U_j0 s_j0 V_j0^T||_F / rho``), and its spectral norm in the same unit."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return {
+            name: layer.subspace_movement(adapter_name).tolist()
+            for name, layer in self.masm_layers(adapter_name)
+        }
+
     # ---------------------------------------------------------------------------------- layer mask
     @property
     def layer_mask(self) -> LayerMaskController:

@@ -53,6 +53,7 @@ def train(model, steps, optimizer=None, seed=0):
         model(pixel_values=x, labels=y).loss.backward()
         model.base_model.update_layer_mask()
         optimizer.step()
+        model.base_model.apply_fit_bound()
         optimizer.zero_grad()
     return optimizer
 
@@ -115,14 +116,47 @@ def test_masks_are_saved_with_the_adapter(tmp_path):
     assert loaded.base_model.layer_mask.current_keep() == model.base_model.layer_mask.current_keep()
 
 
-def test_fit_bound_masks_a_layer_that_outgrew_it():
-    model = tiny_model(mask_keep_ratio=1.0, fit_bound=1.0)
+def test_a_subspace_over_its_fit_bound_is_projected_not_masked():
+    """The old rule masked a layer whose subspace crossed fit_bound * sigma_r, and a masked layer cannot shrink
+    back, so it stayed frozen for good. Now the subspace is scaled back onto the bound and keeps training."""
+    model = tiny_model(mask_keep_ratio=1.0, fit_bound=0.5)
     first = model.base_model.layer_mask.units[0]
     with torch.no_grad():
-        first.layer.masm_s["default"][0].mul_(1000.0)
-    train(model, 1)
-    keep = model.base_model.layer_mask.current_keep()
-    assert keep[0] is False and all(keep[1:])
+        first.layer.masm_s["default"][0].fill_(1e3)
+    before = [p.detach().clone() for p in first.params("default")]
+    train(model, 2)
+    assert all(model.base_model.layer_mask.current_keep())
+    norms = first.layer.subspace_norms("default")
+    assert float(norms.max()) <= 0.5 * (1 + 1e-5)
+    moved = [not torch.equal(b, p.detach()) for b, p in zip(before, first.params("default"))]
+    assert all(moved)
+
+
+def test_a_masked_unit_comes_back_when_its_learning_state_says_so():
+    """Masked units keep feeding the gradient statistics, so a later decision can keep them again."""
+    model = tiny_model(mask_keep_ratio=0.5, mask_interval=3, mask_warmup=3, mask_ema_decay=0.5)
+    controller = model.base_model.layer_mask
+    train(model, 3)
+    first = controller.current_keep()
+    masked = [i for i, keep in enumerate(first) if not keep]
+    assert masked
+    # Make the masked units' gradients perfectly consistent (high GSNR) and the kept ones pure noise.
+    signal = set(masked)
+    hooks = []
+    for i, unit in enumerate(controller.units):
+        for p in unit.params("default"):
+            if i in signal:
+                hooks.append(p.register_hook(lambda g: torch.ones_like(g)))
+            else:
+                hooks.append(p.register_hook(lambda g: torch.randn_like(g)))
+    train(model, 3, seed=1)
+    for hook in hooks:
+        hook.remove()
+    second = controller.current_keep()
+    assert all(second[i] for i in masked)
+    summary = controller.decision_summary()
+    assert summary[-1]["came_back"] == len(masked)
+    assert summary[-1]["trained_units"] == sum(second) and summary[0]["units"] == len(first)
 
 
 def test_none_mode_changes_nothing():

@@ -6,11 +6,13 @@ formula independently (its own full SVD, a dense weight) and compares outputs be
 residual moves.
 """
 
+import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
 
 from peft_masm import MASMConfig
+from peft_masm.presets import masm_config
 from peft_masm.tuner.layer import MASMLayer
 
 from .conftest import output_of, tiny_clip
@@ -41,12 +43,13 @@ def _effortify(model: nn.Module) -> None:
                 setattr(module, child_name, EffortLinear(child))
 
 
-def test_effort_configuration_equals_effort(pixels):
+@pytest.mark.parametrize("subspace_alpha", [None, 100.0])
+def test_effort_configuration_equals_effort(pixels, subspace_alpha):
+    """The Effort preset (raw singular values) is Effort's formula; the scaled parametrisation of the same
+    K=1, k=1 configuration is the same function of the effective singular values."""
     effort = tiny_clip()
     _effortify(effort)
-    config = MASMConfig(
-        num_subspaces=1, subspace_rank=1, layer_mask="none", orthogonality_weight=0, spectral_weight=0
-    )
+    config = masm_config("effort", subspace_alpha=subspace_alpha)
     masm = get_peft_model(tiny_clip(), config)
     torch.testing.assert_close(output_of(masm, pixels), output_of(effort, pixels), atol=1e-5, rtol=1e-4)
 
@@ -67,7 +70,8 @@ def test_effort_configuration_equals_effort(pixels):
             du, dv, ds = torch.randn_like(U) * 0.2, torch.randn(layer.in_features, 1) * 0.2, 0.7
             layer.masm_U["default"][0].add_(du)
             layer.masm_V["default"][0].add_(dv)
-            layer.masm_s["default"][0].add_(ds)
+            unit = layer.singular_value_unit("default") or 1.0  # masm_s is an offset in units of alpha * rho
+            layer.masm_s["default"][0].add_(ds / unit)
             e.U_res.add_(sign * du)
             e.V_res.add_(sign * dv.T)
             e.S_res.add_(ds)

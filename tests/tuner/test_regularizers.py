@@ -11,11 +11,14 @@ from peft_masm.tuner.regularizers import layer_terms
 from .conftest import tiny_vit
 
 
-def _dense_reference(W, U, s, V, U0, s0, V0, sigma_r, k, gamma):
+def _dense_reference(W, U, s, V, U0, s0, V0, k, gamma):
+    """method.md section 2, literally, with the scale-free normalisation (rho^2 = ||W||_F^2 / d)."""
     K = U.shape[1] // k
     Us = [U[:, j * k : (j + 1) * k] for j in range(K)]
     Vs = [V[:, j * k : (j + 1) * k] for j in range(K)]
     ss = [s[j * k : (j + 1) * k] for j in range(K)]
+    columns = K * k
+    rho2 = W.square().sum() / min(W.shape)
     eye = torch.eye(k, dtype=W.dtype)
     cross = sum(
         (Us[i].T @ Us[j]).square().sum() + (Vs[i].T @ Vs[j]).square().sum()
@@ -26,35 +29,60 @@ def _dense_reference(W, U, s, V, U0, s0, V0, sigma_r, k, gamma):
         (Us[j].T @ Us[j] - eye).square().sum() + (Vs[j].T @ Vs[j] - eye).square().sum() for j in range(K)
     )
     WP = W - (U0 * s0) @ V0.T
-    leakage = sum((WP.T @ Us[j]).square().sum() + (WP @ Vs[j]).square().sum() for j in range(K)) / sigma_r**2
+    leakage = sum((WP.T @ Us[j]).square().sum() + (WP @ Vs[j]).square().sum() for j in range(K))
     W_new = WP + (U * s) @ V.T  # = W + Delta
     drift = ((W_new.square().sum() - W.square().sum()) / W.square().sum()) ** 2
-    fit = (
-        sum(
-            torch.relu(torch.linalg.matrix_norm((Us[j] * ss[j]) @ Vs[j].T, ord=2) - gamma * sigma_r) ** 2
+    fit = 0.0
+    if gamma is not None:
+        fit = sum(
+            torch.relu(torch.linalg.matrix_norm((Us[j] * ss[j]) @ Vs[j].T, ord=2) / rho2.sqrt() - gamma) ** 2
             for j in range(K)
         )
-        / sigma_r**2
-    )
-    return {"orthogonality": cross + within + leakage, "spectral": drift + fit}
+    return {
+        "orthogonality": (cross + within) / columns + leakage / (2 * columns * rho2),
+        "spectral": drift + fit,
+    }
 
 
+@pytest.mark.parametrize("gamma", [0.05, None])
 @pytest.mark.parametrize("k", [1, 3])
-def test_layer_terms_match_the_dense_formulas(k):
+def test_layer_terms_match_the_dense_formulas(k, gamma):
     torch.manual_seed(0)
     K, m, n = 3, 40, 30
     W = torch.randn(m, n, dtype=torch.float64)
     u, sv, vh = torch.linalg.svd(W, full_matrices=False)
     U0, s0, V0 = u[:, -K * k :], sv[-K * k :], vh[-K * k :].T
-    sigma_r = sv[-K * k - 1]
     U = U0 + 0.2 * torch.randn_like(U0)
     V = V0 + 0.2 * torch.randn_like(V0)
     s = s0 * 3 + 0.5
-    ours = layer_terms(W, U, s, V, U0, s0, V0, sigma_r, k, 1.0)
-    ref = _dense_reference(W, U, s, V, U0, s0, V0, sigma_r, k, 1.0)
+    ours = layer_terms(W, U, s, V, U0, s0, V0, k, gamma)
+    ref = _dense_reference(W, U, s, V, U0, s0, V0, k, gamma)
     for key in ("orthogonality", "spectral"):
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-8, atol=1e-10)
     assert ref["spectral"] > 0 and ref["orthogonality"] > 0
+
+
+def _rescaled_terms(scale: float, shape=(48, 32), K=2, k=2):
+    """The terms of one perturbed layer whose weight is multiplied by ``scale`` (factors moved alike)."""
+    torch.manual_seed(1)
+    W = torch.randn(*shape, dtype=torch.float64) * scale
+    u, sv, vh = torch.linalg.svd(W, full_matrices=False)
+    U0, s0, V0 = u[:, -K * k :], sv[-K * k :], vh[-K * k :].T
+    U = U0 + 0.3 * torch.randn_like(U0) / shape[0] ** 0.5
+    V = V0 + 0.3 * torch.randn_like(V0) / shape[1] ** 0.5
+    rho = float((W.square().sum() / min(shape)).sqrt())
+    s = s0 + 2.0 * rho  # every subspace grew to twice the layer's RMS singular value
+    return layer_terms(W, U, s, V, U0, s0, V0, k, 1.0)
+
+
+def test_terms_are_scale_free_and_of_order_one():
+    """The terms do not depend on the weight's scale, and stay O(1) after a move of the layer's own size.
+
+    The old normalisation (leakage / sigma_r^2, fit bound against sigma_r) read 1e2..6.5e6 on such layers."""
+    small, large = _rescaled_terms(1e-3), _rescaled_terms(1e3)
+    for key in ("orthogonality", "spectral"):
+        torch.testing.assert_close(small[key], large[key], rtol=1e-6, atol=1e-9)
+        assert 1e-3 < float(small[key]) < 10.0
 
 
 def test_regularization_loss_is_zero_at_init_and_differentiable():
@@ -68,7 +96,7 @@ def test_regularization_loss_is_zero_at_init_and_differentiable():
             for p in layer.masm_U["default"]:
                 p.add_(0.1 * torch.randn_like(p))
             for p in layer.masm_s["default"]:
-                p.mul_(5.0)
+                p.add_(0.05)
     terms = model.base_model.regularization_loss()
     torch.testing.assert_close(terms["total"], 0.5 * terms["orthogonality"] + 2.0 * terms["spectral"])
     terms["total"].backward()
