@@ -17,9 +17,12 @@ from transformers import ViTConfig, ViTModel, ViTPreTrainedModel
 
 from peft_masm import MASMConfig
 
-# The three options every case sets explicitly, so a change of MASMConfig's defaults does not change the cases.
-K2 = {"num_subspaces": 2, "subspace_rank": 2}
-K1 = {"num_subspaces": 1, "subspace_rank": 1}
+# The options every case sets explicitly, so a change of MASMConfig's defaults does not change the cases.
+# Upstream's plain-SGD learning rates suit parameters of order one; the default subspace_alpha=100 multiplies an
+# SGD step on the singular values by alpha**2 * rho**2 (NaN within 3 steps at upstream's lr), so the cases keep
+# the scaled parametrisation at alpha=1.
+K2 = {"num_subspaces": 2, "subspace_rank": 2, "subspace_alpha": 1.0}
+K1 = {"num_subspaces": 1, "subspace_rank": 1, "subspace_alpha": 1.0}
 
 
 def tiny_vit_config() -> ViTConfig:
