@@ -206,12 +206,12 @@ class MASMModel(BaseTuner):
         (``fit_constraint="projection"``; a no-op otherwise). Returns how many subspaces were limited (0-d
         tensor). ``TrainingStep`` and ``MASMTrainer`` call it for you."""
         adapter_name = adapter_name or self.active_adapters[0]
-        limited = torch.zeros((), dtype=torch.long)
-        if self.peft_config[adapter_name].fit_constraint != "projection":
-            return limited
-        for _, layer in self.masm_layers(adapter_name):
-            limited = limited + layer.apply_fit_bound(adapter_name).cpu()
-        return limited
+        limited: torch.Tensor | None = None
+        if self.peft_config[adapter_name].fit_constraint == "projection":
+            for _, layer in self.masm_layers(adapter_name):
+                count = layer.apply_fit_bound(adapter_name)  # stays on the layer's device: no sync per step
+                limited = count if limited is None else limited + count.to(limited.device)
+        return torch.zeros((), dtype=torch.long) if limited is None else limited
 
     @torch.no_grad()
     def subspace_movement(self, adapter_name: str | None = None) -> dict[str, list[float]]:
