@@ -59,8 +59,8 @@ SEEDS = (0, 1, 2, 3, 4)
 NOISE_FLOOR_OFFSET = 100  # the noise-floor re-run of Effort uses seeds 100..104
 # MASM's regulariser weight grid. The terms are scale-free and of order one at most (peft_masm/tuner/regularizers.py);
 # before they were, 0.1 let the orthogonality term reach ~5e3 on fp32 DINOv2 and starve the task gradient. The
-# sweep chooses between the two on validation.
-REG_WEIGHTS = (0.1, 0.01)
+# sweep chooses on validation; 1 and 10 were added after 0.1 and 0.01 tied, to give the terms a chance to matter.
+REG_WEIGHTS = (0.1, 0.01, 1.0, 10.0)
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -75,7 +75,9 @@ class Method:
     part: str = "main"
     random_init: bool = False
     seed_offset: int = 0
-    lr_from: str | None = None  # reuse another method's chosen hyper-parameters (the sanity and noise rows)
+    lr_from: str | None = (
+        None  # reuse another method's chosen hyper-parameters (sanity, noise and ablation rows)
+    )
     reg_weights: tuple[float, ...] = ()  # MASM's regulariser weight, chosen with the learning rate
     paired_with: str = "masm"  # the row its paired difference is taken against
 
@@ -142,7 +144,8 @@ ADAPTER_LRS = (1e-3, 3e-3)
 
 
 def _ablation(name: str, **overrides: Any) -> Method:
-    """MASM with one part removed; the regulariser weight is swept only while a regulariser remains."""
+    """MASM with one part removed, at MASM's chosen learning rate and regulariser weight (no sweep of its own:
+    the row measures the part, not a retuned variant); the weight is recorded only while a regulariser remains."""
     weights = overrides.get("orthogonality_weight", 1.0) or overrides.get("spectral_weight", 1.0)
     return Method(
         name,
@@ -150,6 +153,7 @@ def _ablation(name: str, **overrides: Any) -> Method:
         ADAPTER_LRS,
         lambda ctx: _masm(ctx, **overrides),
         part="ablation",
+        lr_from="masm",
         reg_weights=REG_WEIGHTS if weights else (),
     )
 
@@ -563,6 +567,9 @@ def _loop(args: argparse.Namespace, stage: str) -> None:
                 grid = grid[:1]
             for seed in seeds:
                 for lr, weight in grid:
+                    weight = (
+                        weight if method.reg_weights else None
+                    )  # a row without regularisers has no weight
                     path = _run_path(
                         args.results, args.backbone, stage, method.name, group, seed, (lr, weight)
                     )
