@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import DEFAULT_ATTENTION_TARGETS, MASMConfig, no_default_targets_message
 from .decomposition import minor_triplets_many
-from .layer import BaseModelMismatchError, Linear, MASMLayer
+from .layer import BaseModelMismatchError, Linear, MASMLayer, stacked_fit_bound, stacked_regularization_terms
 from .mask import LayerMaskController
 
 
@@ -192,10 +192,10 @@ class MASMModel(BaseTuner):
             not_computed = torch.full((), float("nan"), device=device)
             return {"orthogonality": not_computed, "spectral": not_computed, "total": zero}
         orthogonality, spectral = zero, zero
-        for layer in layers:
-            terms = layer.regularization_terms(adapter_name)
-            orthogonality = orthogonality + terms["orthogonality"]
-            spectral = spectral + terms["spectral"]
+        for group in _same_shape_groups(layers, adapter_name):
+            terms = stacked_regularization_terms(group, adapter_name)
+            orthogonality = orthogonality + terms["orthogonality"].sum()
+            spectral = spectral + terms["spectral"].sum()
         orthogonality, spectral = orthogonality / len(layers), spectral / len(layers)
         total = config.orthogonality_weight * orthogonality + config.spectral_weight * spectral
         return {"orthogonality": orthogonality, "spectral": spectral, "total": total}
@@ -208,8 +208,15 @@ class MASMModel(BaseTuner):
         adapter_name = adapter_name or self.active_adapters[0]
         limited: torch.Tensor | None = None
         if self.peft_config[adapter_name].fit_constraint == "projection":
-            for _, layer in self.masm_layers(adapter_name):
-                count = layer.apply_fit_bound(adapter_name)  # stays on the layer's device: no sync per step
+            layers = [
+                layer
+                for _, layer in self.masm_layers(adapter_name)
+                if not layer.pending_decomposition(adapter_name)
+            ]
+            for group in _same_shape_groups(layers, adapter_name):
+                count = stacked_fit_bound(
+                    group, adapter_name
+                )  # stays on the layers' device: no sync per step
                 limited = count if limited is None else limited + count.to(limited.device)
         return torch.zeros((), dtype=torch.long) if limited is None else limited
 
@@ -331,3 +338,13 @@ def _check_loaded_adapter_complete(module: MASMModel, incompatible_keys) -> None
 def _pass_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _same_shape_groups(layers: list[MASMLayer], adapter_name: str) -> list[list[MASMLayer]]:
+    """Layers grouped by weight shape and device, so that each group is computed as one stack (a ViT's
+    attention projections are one group; adding the MLP adds two)."""
+    groups: dict[tuple, list[MASMLayer]] = {}
+    for layer in layers:
+        key = (layer.out_features, layer.in_features, layer.masm_U0[adapter_name].device)
+        groups.setdefault(key, []).append(layer)
+    return list(groups.values())

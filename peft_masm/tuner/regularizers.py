@@ -25,17 +25,75 @@ def _block_diagonal(total: int, rank: int, device: torch.device) -> torch.Tensor
 def subspace_spectral_norms(
     U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int
 ) -> torch.Tensor:
-    """``||U_j diag(s_j) V_j^T||_2`` for each subspace j, via thin QR of the (m, k) and (n, k) blocks."""
-    m, total = U.shape
+    """``||U_j diag(s_j) V_j^T||_2`` for each subspace j, via thin QR of the (m, k) and (n, k) blocks.
+
+    Factors of one layer (``U`` (m, K*k)) give (K,); a stack of layers (``U`` (L, m, K*k)) gives (L, K)."""
+    batch = U.shape[:-2]
+    m, total = U.shape[-2:]
     num = total // subspace_rank
-    U_blocks = U.reshape(m, num, subspace_rank).permute(1, 0, 2)
-    V_blocks = V.reshape(V.shape[0], num, subspace_rank).permute(1, 0, 2)
+    U_blocks = U.reshape(*batch, m, num, subspace_rank).movedim(-2, -3)
+    V_blocks = V.reshape(*batch, V.shape[-2], num, subspace_rank).movedim(-2, -3)
     if subspace_rank == 1:
-        return s.abs() * U_blocks.norm(dim=(1, 2)) * V_blocks.norm(dim=(1, 2))
+        return s.abs() * U_blocks.norm(dim=(-2, -1)) * V_blocks.norm(dim=(-2, -1))
     R_u = torch.linalg.qr(U_blocks).R
     R_v = torch.linalg.qr(V_blocks).R
-    core = R_u * s.reshape(num, 1, subspace_rank) @ R_v.transpose(1, 2)
+    core = R_u * s.reshape(*batch, num, 1, subspace_rank) @ R_v.transpose(-1, -2)
     return torch.linalg.matrix_norm(core, ord=2)
+
+
+def stacked_terms(
+    w_t_u: torch.Tensor,
+    w_v: torch.Tensor,
+    U: torch.Tensor,
+    s: torch.Tensor,
+    V: torch.Tensor,
+    U0: torch.Tensor,
+    s0: torch.Tensor,
+    V0: torch.Tensor,
+    energy: torch.Tensor,
+    rank: int,
+    subspace_rank: int,
+    fit_bound: float | None,
+) -> dict[str, torch.Tensor]:
+    """``orthogonality`` and ``spectral`` (each (L,)) of L layers of one shape at once.
+
+    Inputs are stacked over layers: ``U``, ``U0`` (L, m, T); ``V``, ``V0`` (L, n, T); ``s``, ``s0`` (L, T);
+    the two products with each frozen weight ``w_t_u = W^T U`` (L, n, T) and ``w_v = W V`` (L, m, T);
+    ``energy = ||W||_F^2`` (L,); ``rank = min(m, n)``. Every op below runs once for the whole stack, so the
+    cost of many small layers is a few batched products rather than a few dozen ops per layer.
+    """
+    total = U.shape[-1]
+    same = _block_diagonal(total, subspace_rank, U.device)
+    eye = torch.eye(total, device=U.device)
+    energy = energy.to(U.dtype).clamp_min(1e-24)
+    rho2 = energy / rank
+    U_t, V_t = U.transpose(-1, -2), V.transpose(-1, -2)
+    gram_u, gram_v = U_t @ U, V_t @ V
+    u0_t_u, v0_t_v = U0.transpose(-1, -2) @ U, V0.transpose(-1, -2) @ V
+
+    # Orthogonality, per trained column. sum_{i<j} ||U_i^T U_j||^2 is half the off-block-diagonal Gram mass.
+    squares = gram_u.square() + gram_v.square()
+    cross = 0.5 * (squares * (1 - same)).sum(dim=(-2, -1)) / total
+    within = (((gram_u - eye).square() + (gram_v - eye).square()) * same).sum(dim=(-2, -1)) / total
+    # Leakage into W_P = W - U0 diag(s0) V0^T, applied without forming it.
+    s0_col = s0.unsqueeze(-1)
+    principal_t_u = w_t_u - V0 @ (s0_col * u0_t_u)
+    principal_v = w_v - U0 @ (s0_col * v0_t_v)
+    leakage = (principal_t_u.square().sum(dim=(-2, -1)) + principal_v.square().sum(dim=(-2, -1))) / (
+        2 * total * rho2
+    )
+
+    # Spectral consistency. ||W'||^2 - ||W||^2 = 2 <W_P, M> + ||M||^2 - ||M0||^2, M = U diag(s) V^T.
+    # diag(w_t_u^T V) and diag(u0_t_u^T (s0 * v0_t_v)) without forming the T x T products.
+    inner_w = (w_t_u * V).sum(dim=-2)
+    inner_0 = (u0_t_u * (s0_col * v0_t_v)).sum(dim=-2)
+    inner = (s * (inner_w - inner_0)).sum(dim=-1)
+    norm_m = (s.unsqueeze(-1) * s.unsqueeze(-2) * gram_u * gram_v).sum(dim=(-2, -1))
+    spectral = ((2 * inner + norm_m - s0.square().sum(dim=-1)) / energy).square()
+    if fit_bound is not None:
+        norms = subspace_spectral_norms(U, s, V, subspace_rank) / rho2.sqrt().unsqueeze(-1)
+        spectral = spectral + torch.relu(norms - fit_bound).square().sum(dim=-1)
+    return {"orthogonality": cross + within + leakage, "spectral": spectral}
 
 
 def layer_terms(
@@ -60,35 +118,26 @@ def layer_terms(
       the fit penalty ``sum_j relu(||U_j diag(s_j) V_j^T||_2 / rho - fit_bound)^2``.
 
     ``energy`` (``||W||_F^2`` of the frozen base weight) may be passed when known, to skip a pass over
-    the weight. Every product below is computed once and shared by both terms.
+    the weight. The formulas are those of ``stacked_terms`` with one layer.
     """
-    total = U.shape[1]
-    same = _block_diagonal(total, subspace_rank, U.device)
-    eye = torch.eye(total, device=U.device)
     if energy is None:
         energy = weight.square().sum()
-    energy = torch.as_tensor(energy, dtype=U.dtype, device=U.device).clamp_min(1e-24)
-    rho2 = energy / min(weight.shape)
-    w_t_u, w_v = weight.T @ U, weight @ V
-    gram_u, gram_v = U.T @ U, V.T @ V
-    u0_t_u, v0_t_v = U0.T @ U, V0.T @ V
-
-    # Orthogonality, per trained column. sum_{i<j} ||U_i^T U_j||^2 is half the off-block-diagonal Gram mass.
-    cross = 0.5 * ((gram_u.square() + gram_v.square()) * (1 - same)).sum() / total
-    within = (((gram_u - eye).square() + (gram_v - eye).square()) * same).sum() / total
-    # Leakage into W_P = W - U0 diag(s0) V0^T, applied without forming it.
-    principal_t_u = w_t_u - V0 @ (s0[:, None] * u0_t_u)
-    principal_v = w_v - U0 @ (s0[:, None] * v0_t_v)
-    leakage = (principal_t_u.square().sum() + principal_v.square().sum()) / (2 * total * rho2)
-
-    # Spectral consistency. ||W'||^2 - ||W||^2 = 2 <W_P, M> + ||M||^2 - ||M0||^2, M = U diag(s) V^T.
-    inner = (s * torch.diagonal(w_t_u.T @ V - u0_t_u.T @ (s0[:, None] * v0_t_v))).sum()
-    norm_m = (s[:, None] * s[None, :] * gram_u * gram_v).sum()
-    spectral = ((2 * inner + norm_m - s0.square().sum()) / energy).square()
-    if fit_bound is not None:
-        norms = subspace_spectral_norms(U, s, V, subspace_rank) / rho2.sqrt()
-        spectral = spectral + torch.relu(norms - fit_bound).square().sum()
-    return {"orthogonality": cross + within + leakage, "spectral": spectral}
+    energy = torch.as_tensor(energy, dtype=U.dtype, device=U.device).reshape(1)
+    terms = stacked_terms(
+        (weight.T @ U)[None],
+        (weight @ V)[None],
+        U[None],
+        s[None],
+        V[None],
+        U0[None],
+        s0[None],
+        V0[None],
+        energy,
+        min(weight.shape),
+        subspace_rank,
+        fit_bound,
+    )
+    return {key: value[0] for key, value in terms.items()}
 
 
 def fit_bound_scales(
@@ -99,4 +148,4 @@ def fit_bound_scales(
     return (limit / norms.clamp_min(1e-30)).clamp(max=1.0)
 
 
-__all__ = ["fit_bound_scales", "layer_terms", "subspace_spectral_norms"]
+__all__ = ["fit_bound_scales", "layer_terms", "stacked_terms", "subspace_spectral_norms"]

@@ -187,3 +187,34 @@ def test_unused_adapter_saves_and_reloads_as_identity(tmp_path, pixels):
     loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path)
     torch.testing.assert_close(output_of(loaded, pixels), expected, atol=1e-6, rtol=1e-5)
     assert all(not layer.pending_decomposition("default") for layer in _layers(loaded))  # decomposed on use
+
+
+def test_inference_reuses_the_delta_factors_until_a_factor_changes(pixels, tmp_path):
+    """Without autograd the (A, B) factors are built once; an optimizer step, a load or a device move rebuilds
+    them, so cached inference always equals a fresh forward."""
+    model = get_peft_model(tiny_vit(), _config(init_weights=False))
+    layer = _layers(model)[0]
+    first = output_of(model, pixels)
+    cached_A = layer._masm_delta_cache["default"][1]
+    output_of(model, pixels)
+    assert layer._masm_delta_cache["default"][1] is cached_A  # reused, not rebuilt
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(pixel_values=pixels).logits.sum().backward()
+    optimizer.step()
+    stepped = output_of(model, pixels)
+    assert layer._masm_delta_cache["default"][1] is not cached_A
+    assert not torch.allclose(stepped, first)
+    with torch.enable_grad():  # the autograd path never reads the cache
+        fresh = model(pixel_values=pixels).logits.detach()
+    torch.testing.assert_close(stepped, fresh)
+
+    model.save_pretrained(tmp_path / "stepped")
+    reloaded = get_peft_model(tiny_vit(), _config(init_weights=False))
+    output_of(reloaded, pixels)  # fills the cache with the random start
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(reloaded, load_file(tmp_path / "stepped" / "adapter_model.safetensors"))
+    torch.testing.assert_close(output_of(reloaded, pixels), stepped)
+    torch.testing.assert_close(output_of(model.to(torch.float64).to(torch.float32), pixels), stepped)

@@ -111,3 +111,65 @@ def test_unweighted_terms_are_skipped_unless_asked_for():
     assert torch.isnan(skipped["orthogonality"]) and torch.isnan(skipped["spectral"])
     computed = model.base_model.regularization_loss(compute_all=True)
     assert float(computed["orthogonality"]) > 0 and float(computed["total"]) == 0.0
+
+
+@pytest.mark.parametrize("fit_constraint", ["penalty", "projection"])
+@pytest.mark.parametrize("subspace_alpha", [100.0, None])
+def test_stacked_layers_give_each_layers_own_terms(fit_constraint, subspace_alpha):
+    """regularization_loss computes same-shape layers as one stack (issue 12); the values and gradients are
+    those of the per-layer formula, including a model whose layers have two shapes (attention + MLP)."""
+    from peft_masm import default_target_modules
+
+    config = MASMConfig(
+        num_subspaces=2,
+        subspace_rank=2,
+        orthogonality_weight=1.0,
+        spectral_weight=1.0,
+        init_weights=False,
+        fit_constraint=fit_constraint,
+        fit_bound=0.01,
+        subspace_alpha=subspace_alpha,
+        target_modules=default_target_modules("vit", include_mlp=True),
+    )
+    model = get_peft_model(tiny_vit(), config)
+    layers = [m for m in model.modules() if isinstance(m, MASMLayer)]
+    assert len({(layer.out_features, layer.in_features) for layer in layers}) > 1
+    stacked = model.base_model.regularization_loss()
+    params = [p for n, p in model.named_parameters() if "masm_" in n and p.requires_grad]
+    grads = torch.autograd.grad(stacked["total"], params)
+    per_layer = [layer.regularization_terms("default") for layer in layers]
+    for key in ("orthogonality", "spectral"):
+        expected = torch.stack([terms[key] for terms in per_layer]).mean()
+        torch.testing.assert_close(stacked[key], expected, rtol=1e-5, atol=1e-7)
+        assert float(expected) > 0
+    expected_total = sum(t["orthogonality"] + t["spectral"] for t in per_layer) / len(layers)
+    for got, want in zip(grads, torch.autograd.grad(expected_total, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("subspace_alpha", [100.0, None])
+def test_fit_bound_projection_of_the_stack_matches_each_layer_and_leaves_the_rest_bit_equal(subspace_alpha):
+    """apply_fit_bound projects all same-shape layers as one stack (issue 12): a subspace over the bound lands
+    on it, as the per-layer projection puts it; a subspace under the bound keeps its exact value (the old
+    write-back of every subspace, ((s0 + u t) - s0) / u, rounded values that were never limited)."""
+    config = MASMConfig(
+        num_subspaces=2, subspace_rank=2, fit_bound=0.5, subspace_alpha=subspace_alpha, init_weights=False
+    )
+    model = get_peft_model(tiny_vit(), config)
+    layers = [m for m in model.modules() if isinstance(m, MASMLayer)]
+    with torch.no_grad():
+        layers[0].masm_s["default"][1].mul_(1e3).add_(1e3 if subspace_alpha is None else 10.0)
+    single = get_peft_model(tiny_vit(), config)
+    single.load_state_dict(model.state_dict())
+    before = [[p.detach().clone() for p in layer.masm_s["default"]] for layer in layers]
+    limited = model.base_model.apply_fit_bound()
+    assert int(limited) >= 1
+    single_layers = [m for m in single.modules() if isinstance(m, MASMLayer)]
+    assert sum(int(layer.apply_fit_bound("default")) for layer in single_layers) == int(limited)
+    for layer, twin, old in zip(layers, single_layers, before):
+        norms = layer.subspace_norms("default")
+        assert float(norms.max()) <= 0.5 * (1 + 1e-5)
+        for j, (p, q, b) in enumerate(zip(layer.masm_s["default"], twin.masm_s["default"], old)):
+            torch.testing.assert_close(p, q)
+            if float(norms[j]) < 0.5 * (1 - 1e-4):
+                assert torch.equal(p, b)
