@@ -406,7 +406,10 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def bench_context(backbone: str, steps: int) -> BenchContext:
     model = _plain_classifier(backbone)
-    return BenchContext(hidden=model.config.hidden_size, layer_norms=_layer_norm_names(model), steps=steps)
+    vision = getattr(
+        model.config, "vision_config", model.config
+    )  # CLIP's classifier nests its tower's config
+    return BenchContext(hidden=vision.hidden_size, layer_norms=_layer_norm_names(model), steps=steps)
 
 
 def train_and_score(

@@ -1,0 +1,161 @@
+"""How large are MASM's regularisers, and how hard do they pull, next to the task loss?
+
+Trains the cross-forgery benchmark's full MASM row (``benchmarks/cross_forgery.py``: K=4 x k=2, both
+regularisers at one weight, dynamic layer mask, fit-bound projection) for the benchmark's run length on one
+fold, and at a few steps measures on the step's own batch, before the update:
+
+  * each term's value (unweighted, averaged over layers, as ``regularization_loss`` returns it) and its spread
+    over layers (min / median / max of the per-layer value);
+  * the gradient norm, over the adapter's trainable factors, of the task loss and of each *weighted* term,
+    and their ratio (term gradient / task gradient);
+  * how far the subspaces have moved, in units of their layer's scale rho (median and max over subspaces).
+
+The terms start at exactly 0 with their gradient (the adapter starts at their minimum), so step 0 reads 0 by
+design; the steps after it show how they grow. One JSON per backbone under ``benchmarks/results/regularizer_scale/``.
+
+  python benchmarks/regularizer_scale.py [--backbone dinov2-s14|clip-vit-b16] [--weight 0.1] [--lr 1e-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cross_forgery as bench
+import torch
+
+from peft_masm import TrainingStep
+from peft_masm.detector import load_image_processor
+
+RESULTS = Path(__file__).resolve().parent / "results" / "regularizer_scale"
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[str, Any]:
+    """Term values, per-layer spread, gradient norms and subspace movement at the current weights."""
+    tuner = model.base_model
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "masm_" in n]
+    task = model(**batch).loss
+    terms = tuner.regularization_loss(compute_all=True)
+    grads = {}
+    for name, value in (
+        ("task", task),
+        ("orthogonality", weight * terms["orthogonality"]),
+        ("spectral", weight * terms["spectral"]),
+    ):
+        parts = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        grads[name] = float(
+            torch.sqrt(sum((g.square().sum() for g in parts if g is not None), torch.zeros(())))
+        )
+    per_layer = [layer.regularization_terms(tuner.active_adapters[0]) for _, layer in tuner.masm_layers()]
+    movement = [m for moves in tuner.subspace_movement().values() for m in moves]
+    return {
+        "task_loss": float(task),
+        "orthogonality": float(terms["orthogonality"]),
+        "spectral": float(terms["spectral"]),
+        "orthogonality_per_layer": _spread([float(t["orthogonality"]) for t in per_layer]),
+        "spectral_per_layer": _spread([float(t["spectral"]) for t in per_layer]),
+        "grad_norm": grads,
+        "grad_ratio": {
+            name: (grads[name] / grads["task"] if grads["task"] > 0 else float("nan"))
+            for name in ("orthogonality", "spectral")
+        },
+        "movement_rho": {"median": statistics.median(movement), "max": max(movement)},
+    }
+
+
+def run(backbone: str, weight: float, lr: float, fold_index: int, seed: int, checkpoints: set[int]) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*newly initialized.*")
+    torch.set_num_threads(2)
+    processor = load_image_processor(backbone, image_size=56)
+    faces = bench.forged_faces(56)
+    group = list(bench.mechanism_groups())[fold_index]
+    fold = bench.make_fold(faces, group, processor)
+    ctx = bench.bench_context(backbone, bench.DEFAULT_STEPS)
+    ctx.reg_weight = weight
+    method = bench.METHODS["masm"]
+    model, _ = bench.make_detector(backbone, method, ctx, seed)
+    head_ids = {id(p) for p in bench._head(model.get_base_model()).parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
+    optimizer = torch.optim.AdamW(
+        [{"params": head, "lr": bench.HEAD_LR}, {"params": body, "lr": lr}], weight_decay=0.0
+    )
+    step = TrainingStep(model, optimizer, lambda m, b: m(**b).loss, max_grad_norm=1.0)
+    generator = torch.Generator().manual_seed(seed)
+    train = fold.sets["train"]
+    labels = train["labels"]
+    reals, fakes = torch.nonzero(labels == 0).flatten(), torch.nonzero(labels == 1).flatten()
+    half = bench.DEFAULT_BATCH // 2
+    model.train()
+    records = []
+    for index in range(ctx.steps + 1):
+        pick = torch.cat(
+            [
+                reals[torch.randint(len(reals), (half,), generator=generator)],
+                fakes[torch.randint(len(fakes), (half,), generator=generator)],
+            ]
+        )
+        batch = {"pixel_values": train["pixels"][pick], "labels": labels[pick]}
+        if index in checkpoints or index == ctx.steps:
+            record = {"step": index, **measure(model, batch, weight)}
+            records.append(record)
+            print(
+                f"step {index:>3}: task {record['task_loss']:.3f}  orth {record['orthogonality']:.3g} "
+                f"(grad x{record['grad_ratio']['orthogonality']:.3g})  spectral {record['spectral']:.3g} "
+                f"(grad x{record['grad_ratio']['spectral']:.3g})  movement {record['movement_rho']['median']:.3g} rho",
+                flush=True,
+            )
+        if index < ctx.steps:
+            step(batch)
+    return {
+        "backbone": backbone,
+        "fold": group,
+        "seed": seed,
+        "lr": lr,
+        "weight": weight,
+        "steps": ctx.steps,
+        "layers": len(list(model.base_model.masm_layers())),
+        "records": records,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backbone", default="dinov2-s14", help="packaged backbone: dinov2-s14 or clip-vit-b16"
+    )
+    parser.add_argument(
+        "--weight", type=float, default=0.1, help="both regulariser weights (the benchmark's choice)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="adapter learning rate (the benchmark's choice)"
+    )
+    parser.add_argument("--fold", type=int, default=0, help="held-out group index (0 = the first sweep fold)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--at", default="0,1,5,15", help="steps to measure at, besides the last")
+    args = parser.parse_args(argv)
+    result = run(
+        args.backbone, args.weight, args.lr, args.fold, args.seed, {int(s) for s in args.at.split(",")}
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{args.backbone}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
