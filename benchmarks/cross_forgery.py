@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from peft_masm import MASMConfig, TrainingStep
-from peft_masm.detector import build_detector, load_image_processor, predict_proba
+from peft_masm.detector import build_detector, forward_logits, load_image_processor, predict_proba
 from peft_masm.presets import masm_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_forgery"
@@ -412,6 +412,12 @@ def bench_context(backbone: str, steps: int) -> BenchContext:
     return BenchContext(hidden=vision.hidden_size, layer_norms=_layer_norm_names(model), steps=steps)
 
 
+def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the detector's logits; ``forward_logits`` interpolates CLIP's position embeddings at the
+    benchmark's input size (DINOv2 interpolates by itself)."""
+    return nn.functional.cross_entropy(forward_logits(model, batch["pixel_values"]), batch["labels"])
+
+
 def train_and_score(
     backbone: str,
     ctx: BenchContext,
@@ -438,9 +444,7 @@ def train_and_score(
     if body:
         groups.append({"params": body, "lr": lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    step = TrainingStep(
-        model, optimizer, lambda m, b: m(**b).loss, max_grad_norm=1.0, after_optimizer_step=allocate
-    )
+    step = TrainingStep(model, optimizer, task_loss, max_grad_norm=1.0, after_optimizer_step=allocate)
     generator = torch.Generator().manual_seed(seed + method.seed_offset)
     labels = train["labels"]
     reals, fakes = torch.nonzero(labels == 0).flatten(), torch.nonzero(labels == 1).flatten()

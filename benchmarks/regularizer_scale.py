@@ -43,7 +43,7 @@ def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[s
     """Term values, per-layer spread, gradient norms and subspace movement at the current weights."""
     tuner = model.base_model
     params = [p for n, p in model.named_parameters() if p.requires_grad and "masm_" in n]
-    task = model(**batch).loss
+    task = bench.task_loss(model, batch)
     terms = tuner.regularization_loss(compute_all=True)
     grads = {}
     for name, value in (
@@ -58,7 +58,7 @@ def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[s
     per_layer = [layer.regularization_terms(tuner.active_adapters[0]) for _, layer in tuner.masm_layers()]
     movement = [m for moves in tuner.subspace_movement().values() for m in moves]
     return {
-        "task_loss": float(task),
+        "task_loss": float(task.detach()),
         "orthogonality": float(terms["orthogonality"]),
         "spectral": float(terms["spectral"]),
         "orthogonality_per_layer": _spread([float(t["orthogonality"]) for t in per_layer]),
@@ -92,7 +92,7 @@ def run(backbone: str, weight: float, lr: float, fold_index: int, seed: int, che
     optimizer = torch.optim.AdamW(
         [{"params": head, "lr": bench.HEAD_LR}, {"params": body, "lr": lr}], weight_decay=0.0
     )
-    step = TrainingStep(model, optimizer, lambda m, b: m(**b).loss, max_grad_norm=1.0)
+    step = TrainingStep(model, optimizer, bench.task_loss, max_grad_norm=1.0)
     generator = torch.Generator().manual_seed(seed)
     train = fold.sets["train"]
     labels = train["labels"]
