@@ -75,9 +75,8 @@ class Method:
     part: str = "main"
     random_init: bool = False
     seed_offset: int = 0
-    lr_from: str | None = (
-        None  # reuse another method's chosen hyper-parameters (sanity, noise and ablation rows)
-    )
+    # reuse another method's chosen hyper-parameters (the sanity, noise and ablation rows)
+    lr_from: str | None = None
     reg_weights: tuple[float, ...] = ()  # MASM's regulariser weight, chosen with the learning rate
     paired_with: str = "masm"  # the row its paired difference is taken against
 
@@ -406,9 +405,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def bench_context(backbone: str, steps: int) -> BenchContext:
     model = _plain_classifier(backbone)
-    vision = getattr(
-        model.config, "vision_config", model.config
-    )  # CLIP's classifier nests its tower's config
+    # CLIP's classifier nests its tower's config
+    vision = getattr(model.config, "vision_config", model.config)
     return BenchContext(hidden=vision.hidden_size, layer_norms=_layer_norm_names(model), steps=steps)
 
 
@@ -574,9 +572,8 @@ def _loop(args: argparse.Namespace, stage: str) -> None:
                 grid = grid[:1]
             for seed in seeds:
                 for lr, weight in grid:
-                    weight = (
-                        weight if method.reg_weights else None
-                    )  # a row without regularisers has no weight
+                    # a row without regularisers has no weight
+                    weight = weight if method.reg_weights else None
                     path = _run_path(
                         args.results, args.backbone, stage, method.name, group, seed, (lr, weight)
                     )

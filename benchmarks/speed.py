@@ -150,9 +150,8 @@ def method_config(method: str, hidden: int = 768) -> Any:
         from peft_masm.presets import masm_config
 
         return masm_config("effort", **common)
-    if (
-        method == "osf"
-    ):  # PEFT's orthogonal-subspace method, training the K*k smallest directions as MASM does
+    # PEFT's orthogonal-subspace method, training the K*k smallest directions as MASM does
+    if method == "osf":
         from peft import OSFConfig
 
         return OSFConfig(effective_rank=hidden - masm_total_rank(), target_modules=targets)
@@ -183,9 +182,8 @@ def inject(base: nn.Module, method: str) -> nn.Module:
     for name, p in model.named_parameters():  # OSF ignores modules_to_save: every method trains the head
         if "classifier" in name and "original_module" not in name and p.is_floating_point():
             p.requires_grad_(True)
-    if (
-        method == "adamss"
-    ):  # its allocator keeps 75 % of the subspaces, as MASM's mask keeps 75 % of the layers
+    # AdaMSS's allocator keeps 75 % of the subspaces, as MASM's mask keeps 75 % of the layers
+    if method == "adamss":
         config.asa_target_subspaces = max(1, round(0.75 * model.base_model._get_asa_total_subspaces()))
     return model
 
@@ -426,7 +424,7 @@ def compile_check(
         model = inject(shared_copy(base), method)
         model.train()
         tuner = getattr(model, "base_model", None)
-        regularised = is_masm(method) and method_config(method).orthogonality_weight > 0
+        regularised = is_masm(method) and model.peft_config["default"].orthogonality_weight > 0
 
         def loss_of(x: torch.Tensor, y: torch.Tensor, model=model, tuner=tuner, regularised=regularised):
             loss = nn.functional.cross_entropy(model(pixel_values=x).logits, y)
@@ -568,9 +566,8 @@ def report(results: dict[str, Any]) -> str:
             "inject s | load s | adapter file |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        first_block = (
-            key == model
-        )  # the fresh-process figures are listed with the batch they were measured at
+        # the fresh-process figures are listed with the batch they were measured at
+        first_block = key == model
         methods = list(times) + [
             w["method"] for w in workers if first_block and w["model"] == model and w["method"] not in times
         ]

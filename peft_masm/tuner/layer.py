@@ -207,10 +207,9 @@ class MASMLayer(BaseTunerLayer):
         for adapter_name in adapter_names:
             self.masm_pending[adapter_name] = False
             self._masm_rho.pop(adapter_name, None)
+            # rho from the loaded fingerprint, read once here so that no forward has to (a sync, a graph break)
             if self.masm_fingerprint[adapter_name].device.type != "meta":
-                self.reference_scale_value(
-                    adapter_name
-                )  # from the loaded fingerprint, once: no sync in a forward
+                self.reference_scale_value(adapter_name)
             if self.masm_check_base[adapter_name]:
                 self._check_base_weight(adapter_name, prefix)
 

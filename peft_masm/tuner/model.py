@@ -206,19 +206,20 @@ class MASMModel(BaseTuner):
         (``fit_constraint="projection"``; a no-op otherwise). Returns how many subspaces were limited (0-d
         tensor). ``TrainingStep`` and ``MASMTrainer`` call it for you."""
         adapter_name = adapter_name or self.active_adapters[0]
-        limited: torch.Tensor | None = None
-        if self.peft_config[adapter_name].fit_constraint == "projection":
-            layers = [
-                layer
-                for _, layer in self.masm_layers(adapter_name)
-                if not layer.pending_decomposition(adapter_name)
-            ]
-            for group in _same_shape_groups(layers, adapter_name):
-                count = stacked_fit_bound(
-                    group, adapter_name
-                )  # stays on the layers' device: no sync per step
-                limited = count if limited is None else limited + count.to(limited.device)
-        return torch.zeros((), dtype=torch.long) if limited is None else limited
+        if self.peft_config[adapter_name].fit_constraint != "projection":
+            return torch.zeros((), dtype=torch.long)
+        layers = [
+            layer
+            for _, layer in self.masm_layers(adapter_name)
+            if not layer.pending_decomposition(adapter_name)
+        ]
+        # The counts stay on the layers' device: no host sync per optimizer step.
+        counts = [
+            stacked_fit_bound(group, adapter_name) for group in _same_shape_groups(layers, adapter_name)
+        ]
+        if not counts:
+            return torch.zeros((), dtype=torch.long)
+        return torch.stack([count.to(counts[0].device) for count in counts]).sum()
 
     @torch.no_grad()
     def subspace_movement(self, adapter_name: str | None = None) -> dict[str, list[float]]:
