@@ -79,6 +79,8 @@ class Method:
     lr_from: str | None = None
     reg_weights: tuple[float, ...] = ()  # MASM's regulariser weight, chosen with the learning rate
     paired_with: str = "masm"  # the row its paired difference is taken against
+    # learning-rate multipliers for adapter parameters whose name contains a key (a variant row's per-factor rates)
+    lr_scales: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -142,7 +144,7 @@ def _ln_tuning(ctx: BenchContext):
 ADAPTER_LRS = (1e-3, 3e-3)
 
 
-def _ablation(name: str, **overrides: Any) -> Method:
+def _ablation(name: str, lr_scales: tuple[tuple[str, float], ...] = (), **overrides: Any) -> Method:
     """MASM with one part removed, at MASM's chosen learning rate and regulariser weight (no sweep of its own:
     the row measures the part, not a retuned variant); the weight is recorded only while a regulariser remains."""
     weights = overrides.get("orthogonality_weight", 1.0) or overrides.get("spectral_weight", 1.0)
@@ -154,6 +156,7 @@ def _ablation(name: str, **overrides: Any) -> Method:
         part="ablation",
         lr_from="masm",
         reg_weights=REG_WEIGHTS if weights else (),
+        lr_scales=lr_scales,
     )
 
 
@@ -193,6 +196,9 @@ def methods() -> list[Method]:
         _ablation("masm-K1", num_subspaces=1, subspace_rank=8),
         _ablation("masm-no-fit-bound", fit_constraint="none"),
         _ablation("masm-raw-s", subspace_alpha=None),  # singular values trained in raw units, as Effort does
+        # variants (issue 14): can the directions move faster, or is the minor subspace itself enough?
+        _ablation("masm-uv-lr10", lr_scales=(("masm_U", 10.0), ("masm_V", 10.0))),
+        _ablation("masm-s-only", train_factors="singular_values"),
     ]
 
 
@@ -436,11 +442,14 @@ def train_and_score(
         id(p)
         for p in _head(model.get_base_model() if hasattr(model, "get_base_model") else model).parameters()
     }
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
     groups = [{"params": head, "lr": lr if method.kind == "probe" else HEAD_LR}]
-    if body:
-        groups.append({"params": body, "lr": lr})
+    scaled: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in head_ids:
+            factor = next((f for key, f in method.lr_scales if key in name), 1.0)
+            scaled.setdefault(factor, []).append(p)
+    groups += [{"params": params, "lr": lr * factor} for factor, params in scaled.items()]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     step = TrainingStep(model, optimizer, task_loss, max_grad_norm=1.0, after_optimizer_step=allocate)
     generator = torch.Generator().manual_seed(seed + method.seed_offset)
@@ -547,7 +556,7 @@ def _loop(args: argparse.Namespace, stage: str) -> None:
     groups = list(mechanism_groups())
     folds = [groups[int(i)] for i in args.folds.split(",")] if args.folds else groups
     seeds = (0,) if args.quick or stage == "sweep" else SEEDS
-    chosen = chosen_hyper(args.results, args.backbone) if stage == "table" else {}
+    chosen = chosen_hyper(args.sweep_from or args.results, args.backbone) if stage == "table" else {}
     ctx = bench_context(args.backbone, args.steps)
     if args.quick:
         folds = folds[:1]
@@ -792,6 +801,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--results", type=Path, default=None, help=f"results folder (default {RESULTS})")
+    parser.add_argument(
+        "--sweep-from",
+        type=Path,
+        default=None,
+        help="results folder whose sweep chooses the hyper-parameters of `table` (default: --results); for side "
+        "studies such as a longer schedule at the main table's chosen rates",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
