@@ -145,8 +145,9 @@ ADAPTER_LRS = (1e-3, 3e-3)
 
 
 def _ablation(name: str, lr_scales: tuple[tuple[str, float], ...] = (), **overrides: Any) -> Method:
-    """MASM with one part removed, at MASM's chosen learning rate and regulariser weight (no sweep of its own:
-    the row measures the part, not a retuned variant); the weight is recorded only while a regulariser remains."""
+    """MASM with one part removed or changed (an ablation or a variant row), at MASM's chosen learning rate and
+    regulariser weight (no sweep of its own: the row measures the part, not a retuned variant); the weight is
+    recorded only while a regulariser remains."""
     weights = overrides.get("orthogonality_weight", 1.0) or overrides.get("spectral_weight", 1.0)
     return Method(
         name,
