@@ -15,7 +15,12 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .training import calibrate_layer_mask, check_finite_gradients, find_masm_model, regularisers_enabled
+from .training import (
+    calibrate_layer_mask,
+    check_finite_gradients,
+    find_masm_model,
+    scheduled_regularization,
+)
 
 __all__ = ["MASMTrainer", "MASMTrainerCallback"]
 
@@ -87,7 +92,7 @@ class MASMTrainer(Trainer):
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        masm = find_masm_model(model)
-        if regularisers_enabled(masm):
-            loss = loss + masm.regularization_loss()["total"].to(loss.device)
+        terms = scheduled_regularization(find_masm_model(model), self.state.global_step)
+        if terms is not None:
+            loss = loss + terms["total"].to(loss.device)
         return (loss, outputs) if return_outputs else loss

@@ -4,7 +4,8 @@
 ``peft_masm.MASMTrainer`` runs the same lifecycle inside ``transformers.Trainer``. The order at each
 optimizer step (an accumulation boundary) is fixed here, once:
 
-1. ``backward()`` of ``task loss + regularization_loss()["total"]`` (every micro-batch);
+1. ``backward()`` of ``task loss + regularization_loss()["total"]`` (every micro-batch; with
+   ``regularization_interval = N`` > 1, of every N-th optimizer step only, weighted N times);
 2. gradient clipping (when ``max_grad_norm`` is set), which also yields the gradient norm;
 3. non-finite check of that norm (after data-parallel synchronisation, so every rank agrees):
    raise :class:`NonFiniteLossError` naming the step, or skip the step with a warning;
@@ -37,6 +38,7 @@ __all__ = [
     "calibrate_layer_mask",
     "check_finite_gradients",
     "find_masm_model",
+    "scheduled_regularization",
 ]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -74,6 +76,22 @@ def regularisers_enabled(masm: MASMModel) -> bool:
     """Whether the active adapter has a non-zero regulariser weight (else the loss skips them)."""
     config = masm.peft_config[masm.active_adapters[0]]
     return bool(config.orthogonality_weight or config.spectral_weight)
+
+
+def scheduled_regularization(masm: MASMModel, completed_steps: int) -> dict[str, torch.Tensor] | None:
+    """The regularisers to add to a micro-batch's loss, or ``None`` when they are off or not due.
+
+    ``completed_steps`` counts the optimizer steps already taken. With ``regularization_interval = N`` the terms
+    are computed for optimizer steps 0, N, 2N, ... (every micro-batch of such a step) and their ``total`` is
+    weighted N times (lazy regularisation: the same average pull at 1/N of the cost); N = 1 is every step.
+    """
+    if not regularisers_enabled(masm):
+        return None
+    interval = masm.peft_config[masm.active_adapters[0]].regularization_interval
+    if completed_steps % interval:
+        return None
+    terms = masm.regularization_loss()
+    return terms if interval == 1 else {**terms, "total": terms["total"] * interval}
 
 
 def check_finite_gradients(
@@ -159,9 +177,9 @@ class TrainingStep:
     def loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, task, regularisation terms)`` for ``batch``."""
         task = self.loss_fn(self.model, batch)
-        if self.masm is None or not regularisers_enabled(self.masm):
+        terms = None if self.masm is None else scheduled_regularization(self.masm, self.optimizer_steps)
+        if terms is None:
             return task, task, {}
-        terms = self.masm.regularization_loss()
         return task + terms["total"].to(task.device), task, terms
 
     def calibrate(self, loader: Iterable[Any], num_batches: int) -> torch.Tensor:

@@ -184,6 +184,14 @@ class MASMConfig(PeftConfig):
         default=0.0,
         metadata={"help": "Weight of the spectral-consistency regulariser (energy drift and fit bound)."},
     )
+    regularization_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Lazy regularisation: add the regularisers (weighted `regularization_interval` times) at every "
+            "N-th optimizer step only, so each costs 1/N of its exact every-step price (the trick StyleGAN2 uses "
+            "for its R1 penalty). 1: every step. The terms themselves are unchanged when computed."
+        },
+    )
     fit_bound: float = field(
         default=1.0,
         metadata={
@@ -270,6 +278,7 @@ class MASMConfig(PeftConfig):
         _check_integer(self, "subspace_rank", minimum=1)
         _check_integer(self, "mask_interval", minimum=1)
         _check_integer(self, "mask_warmup", minimum=0)
+        _check_integer(self, "regularization_interval", minimum=1)
         for name in ("orthogonality_weight", "spectral_weight"):
             _check_real(self, name, "a finite number >= 0", lambda v: v >= 0)
         _check_real(self, "fit_bound", "a finite number > 0", lambda v: v > 0)

@@ -5,25 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import ViTConfig, ViTForImageClassification
+from tiny_training import tiny_vit_classifier
 
 import peft_masm
 from peft_masm import MASMConfig, calibrate_layer_mask, plot_mask_history
 
 SCRIPT = Path(__file__).with_name("train_script.py")
-SIZES = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    image_size=32,
-    patch_size=8,
-)
 
 
 def tiny_model(**config_kwargs):
-    torch.manual_seed(0)
-    base = ViTForImageClassification(ViTConfig(**SIZES, num_labels=2))
+    base = tiny_vit_classifier()
     kwargs = dict(
         num_subspaces=2,
         subspace_rank=2,
@@ -111,8 +102,7 @@ def test_masks_are_saved_with_the_adapter(tmp_path):
     model = tiny_model(mask_keep_ratio=0.5)
     train(model, 2)
     model.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    loaded = PeftModel.from_pretrained(ViTForImageClassification(ViTConfig(**SIZES, num_labels=2)), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_vit_classifier(), tmp_path)
     assert loaded.base_model.layer_mask.current_keep() == model.base_model.layer_mask.current_keep()
 
 

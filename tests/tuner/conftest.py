@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_training import SIZES
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -14,15 +15,6 @@ from transformers import (
 )
 
 import peft_masm  # noqa: F401  (registers MASM)
-
-SIZES = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    image_size=32,
-    patch_size=8,
-)
 
 
 def tiny_clip(seed: int = 0) -> CLIPVisionModel:

@@ -16,20 +16,13 @@ import pytest
 import torch
 import transformers as tf
 from peft import PeftModel, get_peft_model
+from tiny_training import SIZES as VIT_SIZES
 from torch import nn
 
 from peft_masm import MASMConfig
 from peft_masm.tuner import DEFAULT_ATTENTION_TARGETS, DEFAULT_MLP_TARGETS, default_target_modules
 
 ROOT = Path(__file__).resolve().parents[2]
-VIT_SIZES = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    image_size=32,
-    patch_size=8,
-)
 TEXT_SIZES = dict(
     hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=99
 )

@@ -10,23 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+from tiny_training import RowsDataset, quiet_cpu_arguments, tiny_vit_classifier
 
 from peft_masm import MASMConfig, MASMTrainer, NonFiniteLossError, TrainingStep
 
-SIZES = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    image_size=32,
-    patch_size=8,
-)
-
 
 def _model():
-    torch.manual_seed(0)
-    base = ViTForImageClassification(ViTConfig(**SIZES, num_labels=2))
+    base = tiny_vit_classifier()
     return get_peft_model(
         base,
         MASMConfig(
@@ -95,37 +85,11 @@ def test_training_step_with_max_grad_norm_still_stops_on_nan():
     assert _all_finite(model)
 
 
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, batches):
-        self.rows = [
-            {"pixel_values": b["pixel_values"][i], "labels": b["labels"][i]}
-            for b in batches
-            for i in range(4)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-
 def _trainer(tmp_path, on_non_finite):
     model = _model()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
+    args = quiet_cpu_arguments(tmp_path)
     trainer = MASMTrainer(
-        model=model, args=args, train_dataset=_ListDataset(_batches(nan_at=1)), on_non_finite=on_non_finite
+        model=model, args=args, train_dataset=RowsDataset(_batches(nan_at=1)), on_non_finite=on_non_finite
     )
     # No shuffling, so the bad batch is the second optimizer step.
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)

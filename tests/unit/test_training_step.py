@@ -5,30 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import AdamssConfig, LoraConfig, get_peft_model
-from transformers import ViTConfig, ViTForImageClassification
+from tiny_training import image_batch, tiny_vit_classifier
 
 from peft_masm import TrainingStep
 
-SIZES = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=48,
-    image_size=32,
-    patch_size=8,
-)
-
 
 def _batch(seed: int, nan: bool = False) -> dict[str, torch.Tensor]:
-    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    batch = image_batch(seed)
     if nan:
-        pixels[0, 0, 0, 0] = float("nan")
-    return {"pixel_values": pixels, "labels": torch.tensor([0, 1, 0, 1])}
+        batch["pixel_values"][0, 0, 0, 0] = float("nan")
+    return batch
 
 
 def _vit():
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(**SIZES, num_labels=2))
+    return tiny_vit_classifier()
 
 
 def test_hook_runs_after_each_taken_step_with_the_gradients_still_there():
