@@ -81,6 +81,9 @@ class Method:
     paired_with: str = "masm"  # the row its paired difference is taken against
     # learning-rate multipliers for adapter parameters whose name contains a key (a variant row's per-factor rates)
     lr_scales: tuple[tuple[str, float], ...] = ()
+    # which singular directions the artifact subspaces start from: MASM's "minor" ones, or (a diagnostic variant
+    # row) the "principal" ones, which puts the same adapter on the directions PiSSA trains
+    start: str = "minor"
 
 
 @dataclass
@@ -144,7 +147,9 @@ def _ln_tuning(ctx: BenchContext):
 ADAPTER_LRS = (1e-3, 3e-3)
 
 
-def _ablation(name: str, lr_scales: tuple[tuple[str, float], ...] = (), **overrides: Any) -> Method:
+def _ablation(
+    name: str, lr_scales: tuple[tuple[str, float], ...] = (), start: str = "minor", **overrides: Any
+) -> Method:
     """MASM with one part removed or changed (an ablation or a variant row), at MASM's chosen learning rate and
     regulariser weight (no sweep of its own: the row measures the part, not a retuned variant); the weight is
     recorded only while a regulariser remains."""
@@ -158,6 +163,7 @@ def _ablation(name: str, lr_scales: tuple[tuple[str, float], ...] = (), **overri
         lr_from="masm",
         reg_weights=REG_WEIGHTS if weights else (),
         lr_scales=lr_scales,
+        start=start,
     )
 
 
@@ -200,6 +206,11 @@ def methods() -> list[Method]:
         # variants (issue 14): can the directions move faster, or is the minor subspace itself enough?
         _ablation("masm-uv-lr10", lr_scales=(("masm_U", 10.0), ("masm_V", 10.0))),
         _ablation("masm-s-only", train_factors="singular_values"),
+        # is the minor starting subspace the gap to LoRA? The same adapter on the largest directions instead (the
+        # fit bound is off: a principal subspace is several rho strong from the start)
+        _ablation("masm-principal", start="principal", fit_constraint="none"),
+        # issue 12's lazy regularisation: the same regularisers at every 4th step, weighted 4 times (a quarter of the cost)
+        _ablation("masm-lazy-reg4", regularization_interval=4),
     ]
 
 
@@ -365,6 +376,8 @@ def make_detector(
         return model, None
     config = method.peft(ctx)
     model = build_detector(backbone, masm_config=config)
+    if method.start == "principal":
+        _start_on_principal_directions(model)
     head = _head(model.get_base_model())
     head.requires_grad_(True)  # OSF ignores modules_to_save; every method trains the same head
     allocate = None
@@ -376,6 +389,24 @@ def make_detector(
             model.base_model.update_and_allocate(step)
 
     return model, allocate
+
+
+@torch.no_grad()
+def _start_on_principal_directions(model: nn.Module) -> None:
+    """Re-seed every MASM layer's subspaces with its weight's K*k *largest* singular triplets (the diagnostic
+    ``masm-principal`` row); the frozen part becomes W minus them, so the detector still starts as the backbone."""
+    from peft_masm.tuner.decomposition import MinorTriplets
+    from peft_masm.tuner.layer import MASMLayer
+
+    for module in model.modules():
+        if not isinstance(module, MASMLayer):
+            continue
+        for name in module.masm_U:
+            total = module.masm_num_subspaces[name] * module.masm_subspace_rank[name]
+            weight = module.get_base_layer().weight.detach().to(torch.float64)
+            u, s, vt = torch.linalg.svd(weight, full_matrices=False)
+            top = MinorTriplets(U=u[:, :total], S=s[:total], V=vt[:total].T, sigma_r=s[total])
+            module.set_decomposition(name, MinorTriplets(*(t.to(torch.float32) for t in vars(top).values())))
 
 
 def _plain_classifier(backbone: str) -> nn.Module:
