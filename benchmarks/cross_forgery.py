@@ -207,8 +207,17 @@ def methods() -> list[Method]:
         _ablation("masm-uv-lr10", lr_scales=(("masm_U", 10.0), ("masm_V", 10.0))),
         _ablation("masm-s-only", train_factors="singular_values"),
         # is the minor starting subspace the gap to LoRA? The same adapter on the largest directions instead (the
-        # fit bound is off: a principal subspace is several rho strong from the start)
-        _ablation("masm-principal", start="principal", fit_constraint="none"),
+        # fit bound is off: a principal subspace is several rho strong from the start). Moving the principal
+        # directions is riskier, so this row chooses its own learning rate (lower ones too) on validation.
+        Method(
+            "masm-principal",
+            "peft",
+            (3e-5, 1e-4, 3e-4) + ADAPTER_LRS,
+            lambda ctx: _masm(ctx, fit_constraint="none"),
+            part="ablation",
+            reg_weights=(10.0,),  # MASM's chosen weight
+            start="principal",
+        ),
         # issue 12's lazy regularisation: the same regularisers at every 4th step, weighted 4 times (a quarter of the cost)
         _ablation("masm-lazy-reg4", regularization_interval=4),
     ]

@@ -1,0 +1,103 @@
+"""Where a MASM training step's time goes beside LoRA's and OSF's, on the ViT-B/16 shape of ``speed.py``.
+
+Four parts, each timed in one process (medians; the model forward + backward interleaved across methods, as
+``speed.py`` does, so load hits every method alike):
+
+* model forward + backward (cross-entropy, batch 1), per method and as a ratio to LoRA's;
+* one AdamW step over each method's trainable tensors, with torch's default CPU implementation and ``foreach``;
+* MASM's fit-bound projection (``apply_fit_bound``, every optimizer step);
+* MASM's regularisers (``regularization_loss()`` forward + backward), and the share of it spent in the
+  products with the frozen weights (``aten::mm``, from ``torch.profiler``).
+
+Run: ``.venv/bin/python benchmarks/step_breakdown.py`` (about two minutes, 1 thread).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the models and configs of the speed benchmark)
+
+METHODS = ("lora_r8", "masm", "masm_reg", "osf")
+
+
+def median_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def forward_backward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], float]:
+    pixels, labels = batch
+
+    def run() -> float:
+        start = time.perf_counter()
+        nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return run
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    base = speed.build_base("vit-b16")
+    batch = speed.make_batch("vit-b16", 1)
+    models = {m: speed.inject(speed.shared_copy(base), m) for m in METHODS}
+    for model in models.values():
+        model.train()
+    print(f"ViT-B/16, batch 1, 1 thread, load average {os.getloadavg()[0]:.1f}")
+
+    times = speed.interleave({m: forward_backward(models[m], batch) for m in METHODS}, 2, 12)
+    for m in METHODS:
+        ratio = speed.paired_ratio(times[m], times["lora_r8"])
+        print(
+            f"forward+backward {m:>9}: {statistics.median(times[m]) * 1e3:6.1f} ms, / LoRA {speed.fmt_ratio(ratio)}"
+        )
+
+    for m in METHODS:
+        params = [p for p in models[m].parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        cells = []
+        for foreach in (False, True):
+            optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+            cells.append(f"{'foreach' if foreach else 'default'} {median_ms(optimizer.step):5.1f} ms")
+        print(f"AdamW step {m:>9} ({len(params)} tensors): {', '.join(cells)}")
+        models[m].zero_grad(set_to_none=True)
+
+    masm = models["masm_reg"].base_model
+    print(f"fit-bound projection: {median_ms(masm.apply_fit_bound):.1f} ms")
+
+    def regularisers() -> None:
+        masm.regularization_loss()["total"].backward()
+        masm.zero_grad(set_to_none=True)
+
+    print(f"regularisers forward+backward: {median_ms(regularisers):.1f} ms")
+    with torch.profiler.profile() as profile:
+        for _ in range(3):
+            regularisers()
+    events = {e.key: e for e in profile.key_averages()}
+    total = sum(e.self_cpu_time_total for e in events.values())
+    mm = events["aten::mm"]
+    print(
+        f"  of which aten::mm (the products with the frozen weights): {mm.self_cpu_time_total / total:.0%}, "
+        f"{mm.count // 3} calls per step, {mm.self_cpu_time_total / mm.count / 1e3:.2f} ms each"
+    )
+
+
+if __name__ == "__main__":
+    main()
