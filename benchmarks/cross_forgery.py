@@ -144,7 +144,8 @@ def _ln_tuning(ctx: BenchContext):
     return LNTuningConfig(target_modules=list(ctx.layer_norms))
 
 
-ADAPTER_LRS = (1e-3, 3e-3)
+# one step beyond each edge of the first grid (1e-3, 3e-3): several methods had chosen an edge of it
+ADAPTER_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def _ablation(
@@ -171,7 +172,7 @@ def methods() -> list[Method]:
     """Every row of the table, in display order."""
     adapter_lrs = ADAPTER_LRS
     return [
-        Method("linear-probe", "probe", (1e-3, 3e-3)),
+        Method("linear-probe", "probe", (3e-4, 1e-3, 3e-3, 1e-2)),
         Method(
             "probe-random-init",
             "probe",
@@ -180,12 +181,12 @@ def methods() -> list[Method]:
             lr_from="linear-probe",
             paired_with="linear-probe",  # the sanity row: must come out clearly below the pretrained probe
         ),
-        Method("full-ft", "full", (1e-5, 3e-5)),
+        Method("full-ft", "full", (3e-6, 1e-5, 3e-5, 1e-4)),
         Method("lora-r8", "peft", adapter_lrs, _lora),
-        Method("osf", "peft", adapter_lrs, _osf),
+        Method("osf", "peft", adapter_lrs + (3e-2,), _osf),  # chose the grid's top, 1e-2: one step more
         Method("adamss", "peft", adapter_lrs, _adamss),
         Method("ln-tuning", "peft", adapter_lrs, _ln_tuning),
-        Method("effort", "peft", adapter_lrs, lambda ctx: masm_config("effort")),
+        Method("effort", "peft", adapter_lrs + (3e-2,), lambda ctx: masm_config("effort")),  # as OSF
         Method("masm", "peft", adapter_lrs, _masm, reg_weights=REG_WEIGHTS),
         Method(
             "effort-reseed",
@@ -212,7 +213,7 @@ def methods() -> list[Method]:
         Method(
             "masm-principal",
             "peft",
-            (3e-5, 1e-4, 3e-4) + ADAPTER_LRS,
+            (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
             lambda ctx: _masm(ctx, fit_constraint="none"),
             part="ablation",
             reg_weights=(10.0,),  # MASM's chosen weight
