@@ -3,10 +3,16 @@
     .venv/bin/python benchmarks/speed.py --device cuda --dtype bfloat16 --preset gpu   # ViT-L/14, 224 px, batch 32
     .venv/bin/python benchmarks/speed.py --device cpu --preset tiny                    # the same code path, tiny
 
-Per method (MASM with the regularisers on, PEFT LoRA at matched rank, PEFT OSF): injection time
-(``get_peft_model``, MASM's SVD included), training-step time under autocast (interleaved, synchronised),
-peak accelerator memory of training, and unmerged / merged inference time against the frozen base.
-Every time is a median over interleaved repetitions; every ratio is a median of paired ratios.
+Per method (PEFT LoRA at matched rank; MASM with its defaults, with the regularisers on at every step and
+lazily every 4th; PEFT OSF and AdaMSS): injection time (``get_peft_model``, MASM's SVD included), training-step
+time with the forward under autocast (interleaved, synchronised; a lazily regularised method is timed over whole cycles), the
+peak accelerator memory its own model and training add, and unmerged / merged inference time against the frozen
+base. Then one profiled step per method (the accelerator's kernel time against the step's wall time, and the
+ops that take it: is the step bound by the device or by the host's op dispatch?) and, last, ``torch.compile`` of
+the forward + loss + regularisers against the same step eager, for LoRA and regularised MASM.
+Every time is a median over interleaved repetitions; every ratio is a median of paired ratios. A method
+that fails is recorded under ``errors`` (one line) and the others still run: the suite is meant to be run once,
+on borrowed minutes.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ from torch import nn
 
 PRESETS: dict[str, dict[str, Any]] = {
     # What the issue asks for: ViT-L/14 at 224 px, batch 32; ~3-4 min on one modern GPU.
-    "gpu": {"model": "vit-l14", "batch": 32, "warmup": 3, "steps": 10, "infer_reps": 10},
+    "gpu": {"model": "vit-l14", "batch": 32, "warmup": 3, "steps": 20, "infer_reps": 20, "compile_steps": 10},
     # The code path on a CPU (make test): a tiny tower, a few steps.
-    "tiny": {"model": "tiny-a", "batch": 2, "warmup": 1, "steps": 2, "infer_reps": 2},
+    "tiny": {"model": "tiny-a", "batch": 2, "warmup": 1, "steps": 2, "infer_reps": 2, "compile_steps": 2},
 }
-DEVICE_METHODS = ("lora_r8", "masm_reg", "osf")
+DEVICE_METHODS = ("lora_r8", "masm", "masm_reg", "masm_reg_lazy4", "osf", "adamss")
+# Profiled (kernel time against wall time) and compiled (torch.compile of forward + loss + regularisers).
+PROFILED_METHODS = ("lora_r8", "masm", "masm_reg", "osf")
+COMPILED_METHODS = ("lora_r8", "masm_reg")
 
 
 def _sync(device: torch.device) -> None:
@@ -49,14 +58,27 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _allocated(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+
+
 def run_device_suite(
     speed: Any,
     device_name: str,
     dtype_name: str | None,
     preset: str,
     methods: tuple[str, ...] = DEVICE_METHODS,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure ``methods`` on ``device_name``; ``speed`` is the ``benchmarks/speed.py`` module (models, configs)."""
+    """Measure ``methods`` on ``device_name``; ``speed`` is the ``benchmarks/speed.py`` module (models, configs).
+
+    ``on_progress`` receives the partial result after each stage (the caller saves it), so that a late failure
+    keeps what was measured.
+    """
     settings = PRESETS[preset]
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name) if dtype_name else None
@@ -70,51 +92,74 @@ def run_device_suite(
         "preset": preset,
         **settings,
         "methods": {},
+        "errors": {},
     }
+    progress = on_progress or (lambda partial: None)
     steps: dict[str, Callable[[], float]] = {}
     models: dict[str, nn.Module] = {}
     for method in methods:
-        _sync(device)
-        started = time.perf_counter()
-        model = speed.inject(speed.shared_copy(base), method).to(device)
-        _sync(device)
-        inject_s = time.perf_counter() - started
-        trainer = speed.Trainer(model, method, (pixels, labels))
-        autocast = _autocast(device, dtype)
-
-        def step(trainer=trainer, autocast=autocast) -> float:
+        try:
+            _reset_peak(device)
+            before_inject = _allocated(device)
             _sync(device)
-            start = time.perf_counter()
-            with autocast:
-                trainer.training_step(trainer.batch)
+            started = time.perf_counter()
+            model = speed.inject(speed.shared_copy(base), method).to(device)
             _sync(device)
-            return time.perf_counter() - start
+            inject_s = time.perf_counter() - started
+            # Autocast covers the forward pass only, as accelerate's mixed precision does.
+            trainer = speed.Trainer(model, method, (pixels, labels), autocast_dtype=dtype)
 
-        _reset_peak(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        for _ in range(settings["warmup"]):
-            step()
-        peak = _peak_memory(device)
+            def step(trainer=trainer) -> float:
+                """Seconds per optimizer step, the mean over one regularisation cycle."""
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(trainer.cycle):
+                    trainer.training_step(trainer.batch)
+                _sync(device)
+                return (time.perf_counter() - start) / trainer.cycle
+
+            before_train = _allocated(device)
+            for _ in range(settings["warmup"]):
+                step()
+            peak = _peak_memory(device)
+        except Exception as error:  # noqa: BLE001 - one method's failure must not cost the others' figures
+            result["errors"][method] = _one_line(error)
+            speed.log(f"device suite: {method} failed: {result['errors'][method]}")
+            continue
         result["methods"][method] = {
             "trainable": speed.param_counts(model),
             "inject_s": inject_s,
+            "regularization_cycle": trainer.cycle,
             "peak_train_memory_bytes": peak,
-            "train_memory_increment_bytes": None if peak is None or before is None else peak - before,
+            # What this method's own model and training add (earlier methods' models stay resident).
+            "own_peak_memory_bytes": None if peak is None or before_inject is None else peak - before_inject,
+            "train_memory_increment_bytes": None
+            if peak is None or before_train is None
+            else peak - before_train,
         }
         steps[method] = step
         models[method] = model
+        progress(result)
     speed.log(f"device suite {model_name} on {device}: timing {list(steps)}")
     step_times = speed.interleave(steps, 0, settings["steps"])
     result["step_times"] = step_times
-    result["step_ratio_vs_lora"] = {
-        m: speed.paired_ratio(t, step_times["lora_r8"]) for m, t in step_times.items()
-    }
+    result["step_median_s"] = {m: statistics.median(t) for m, t in step_times.items()}
+    if "lora_r8" in step_times:
+        result["step_ratio_vs_lora"] = {
+            m: speed.paired_ratio(t, step_times["lora_r8"]) for m, t in step_times.items()
+        }
+    progress(result)
 
     forwards: dict[str, nn.Module] = {"base": base}
     for method, model in models.items():
         model.eval()
         forwards[f"{method}_unmerged"] = model
-    forwards["masm_reg_merged"] = copy.deepcopy(models["masm_reg"]).merge_and_unload()
+    for method in ("masm_reg", "lora_r8"):
+        if method in models:
+            try:
+                forwards[f"{method}_merged"] = copy.deepcopy(models[method]).merge_and_unload()
+            except Exception as error:  # noqa: BLE001
+                result["errors"][f"{method}_merged"] = _one_line(error)
 
     def forward(model: nn.Module) -> Callable[[], float]:
         def run() -> float:
@@ -130,5 +175,126 @@ def run_device_suite(
     infer = speed.interleave({name: forward(m) for name, m in forwards.items()}, 1, settings["infer_reps"])
     result["inference_times"] = infer
     result["inference_ratio_vs_base"] = {n: speed.paired_ratio(t, infer["base"]) for n, t in infer.items()}
-    result["step_median_s"] = {m: statistics.median(t) for m, t in step_times.items()}
+    for model in models.values():
+        model.train()
+    progress(result)
+
+    result["profile"] = {}
+    for method in PROFILED_METHODS:
+        if method in steps:
+            try:
+                result["profile"][method] = profile_step(steps[method], device)
+            except Exception as error:  # noqa: BLE001
+                result["errors"][f"{method}_profile"] = _one_line(error)
+    progress(result)
+
+    result["compile"] = {"steps": {}, "compile_s": {}}
+    compiled_steps: dict[str, Callable[[], float]] = {}
+    for method in COMPILED_METHODS:
+        if method not in models:
+            continue
+        try:
+            speed.log(f"device suite: compiling {method}")
+            eager, compiled = compiled_step_pair(
+                speed, models[method], method, (pixels, labels), device, dtype
+            )
+            started = time.perf_counter()
+            compiled()  # compilation
+            result["compile"]["compile_s"][method] = time.perf_counter() - started
+        except Exception as error:  # noqa: BLE001
+            result["errors"][f"{method}_compile"] = _one_line(error)
+            continue
+        compiled_steps[f"{method}_eager"], compiled_steps[f"{method}_compiled"] = eager, compiled
+        progress(result)
+    if compiled_steps:
+        times = speed.interleave(compiled_steps, 1, settings["compile_steps"])
+        result["compile"]["steps"] = times
+        result["compile"]["compiled_vs_eager"] = {
+            method: speed.paired_ratio(times[f"{method}_compiled"], times[f"{method}_eager"])
+            for method in COMPILED_METHODS
+            if f"{method}_compiled" in times
+        }
+        if "lora_r8_compiled" in times:
+            result["compile"]["compiled_vs_lora_compiled"] = {
+                name: speed.paired_ratio(t, times["lora_r8_compiled"])
+                for name, t in times.items()
+                if name.endswith("_compiled")
+            }
+    progress(result)
     return result
+
+
+def profile_step(step: Callable[[], float], device: torch.device, top: int = 8) -> dict[str, Any]:
+    """One step under ``torch.profiler``: its wall time, the accelerator's kernel time inside it, the number of
+    host-side ops and kernels, and the ``top`` ops by device (or, on a CPU, host) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    step()
+    with profile(activities=activities) as prof:
+        wall = step()
+    events = prof.key_averages()
+
+    def device_us(event: Any) -> float:
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+    kernel_us = sum(device_us(e) for e in events) if on_device else None
+    ranked = sorted(events, key=device_us if on_device else (lambda e: e.self_cpu_time_total), reverse=True)
+    return {
+        "wall_ms": wall * 1e3,
+        "device_kernel_ms": None if kernel_us is None else kernel_us / 1e3,
+        "device_busy_share": None if kernel_us is None else kernel_us / 1e3 / (wall * 1e3),
+        "host_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+        "kernels": sum(
+            e.count for e in prof.events() if on_device and device_us(e) > 0 and e.device_type.name == "CUDA"
+        ),
+        "top_ops": [
+            {
+                "op": e.key[:80],
+                "count": e.count,
+                "device_ms": device_us(e) / 1e3 if on_device else None,
+                "host_ms": e.self_cpu_time_total / 1e3,
+            }
+            for e in ranked[:top]
+        ],
+    }
+
+
+def compiled_step_pair(
+    speed: Any,
+    model: nn.Module,
+    method: str,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[Callable[[], float], Callable[[], float]]:
+    """The same training step twice, eager and with ``torch.compile`` of forward + loss (+ MASM's regularisers);
+    backward, AdamW and the fit-bound projection stay eager in both."""
+    pixels, labels = batch
+    tuner = getattr(model, "base_model", None)
+    regularised = speed.is_masm(method) and model.peft_config["default"].orthogonality_weight > 0
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with _autocast(device, dtype):
+            logits = model(pixel_values=x).logits
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        return loss + tuner.regularization_loss()["total"] if regularised else loss
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def make(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], float]:
+        def step() -> float:
+            _sync(device)
+            start = time.perf_counter()
+            fn(pixels, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if speed.is_masm(method):
+                tuner.apply_fit_bound()
+            _sync(device)
+            return time.perf_counter() - start
+
+        return step
+
+    return make(loss_of), make(torch.compile(loss_of))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +221,15 @@ def param_counts(model: nn.Module) -> dict[str, int]:
 class Trainer:
     """One model + its AdamW + the step as a training loop runs it."""
 
-    def __init__(self, model: nn.Module, method: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        """``autocast_dtype``: run the forward pass under ``torch.autocast`` (as accelerate's mixed precision does:
+        backward, optimizer step, regularisers and fit bound stay outside it)."""
         self.model, self.method, self.batch = model, method, batch
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -234,7 +244,10 @@ class Trainer:
                 model.base_model.update_and_allocate(step)
 
         self.training_step = TrainingStep(
-            model, self.optimizer, _cross_entropy, after_optimizer_step=after_step
+            model,
+            self.optimizer,
+            functools.partial(_cross_entropy, autocast_dtype=autocast_dtype),
+            after_optimizer_step=after_step,
         )
         # Lazy regularisation is timed over whole cycles (N steps, one of them regularised): its amortised step.
         config = getattr(model, "peft_config", {}).get("default")
@@ -248,9 +261,14 @@ class Trainer:
         return (time.perf_counter() - start) / self.cycle
 
 
-def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _cross_entropy(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     pixels, labels = batch
-    return nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
+    autocast = torch.autocast(pixels.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with autocast:
+        logits = model(pixel_values=pixels).logits
+    return nn.functional.cross_entropy(logits.float(), labels)
 
 
 def make_batch(model_name: str, batch_size: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1025,26 +1043,41 @@ def run_device(args: argparse.Namespace) -> None:
         )
     if args.preset not in device_suite.PRESETS:
         raise SystemExit(f"--preset {args.preset!r}: choose one of {sorted(device_suite.PRESETS)}")
-    started = time.perf_counter()
-    suite = device_suite.run_device_suite(sys.modules[__name__], args.device, args.dtype, args.preset)
-    suite["wall_s"] = time.perf_counter() - started
-    suite["machine"] = machine_facts()
     out = (
         args.out
         or ROOT / "benchmarks" / "results" / f"speed_device_{args.device.split(':')[0]}_{args.preset}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(suite, indent=1))
-    for method, facts in suite["methods"].items():
-        ratio = suite["step_ratio_vs_lora"][method]
-        peak = facts["peak_train_memory_bytes"]
+    facts = machine_facts()
+    started = time.perf_counter()
+
+    def save(partial: dict[str, Any]) -> None:
+        out.write_text(
+            json.dumps({**partial, "wall_s": time.perf_counter() - started, "machine": facts}, indent=1)
+        )
+
+    suite = device_suite.run_device_suite(
+        sys.modules[__name__], args.device, args.dtype, args.preset, on_progress=save
+    )
+    save(suite)
+    for method, facts_of in suite["methods"].items():
+        ratio = suite.get("step_ratio_vs_lora", {}).get(method)
+        increment = facts_of["train_memory_increment_bytes"]
         print(
-            f"{method}: step {suite['step_median_s'][method]:.4f} s, / LoRA {fmt_ratio(ratio)}, inject {facts['inject_s']:.2f} s"
-            + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
+            f"{method}: step {suite['step_median_s'][method]:.4f} s"
+            + (f", / LoRA {fmt_ratio(ratio)}" if ratio else "")
+            + f", inject {facts_of['inject_s']:.2f} s"
+            + (f", training memory {increment / 2**30:.2f} GiB" if increment else "")
         )
     for name, ratio in suite["inference_ratio_vs_base"].items():
         print(f"inference {name} / base {fmt_ratio(ratio)}")
-    print(f"wrote {out} ({suite['wall_s']:.0f} s)")
+    print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
+    if suite["errors"]:
+        raise SystemExit(
+            "device suite: "
+            + "; ".join(f"{name} failed ({why})" for name, why in suite["errors"].items())
+            + f"; the other figures are in {out}"
+        )
 
 
 if __name__ == "__main__":

@@ -326,6 +326,7 @@ class MASMLayer(BaseTunerLayer):
             norms = regularizers.subspace_spectral_norms(U, s, V, self.masm_subspace_rank[adapter_name])
             return norms / max(self.reference_scale_value(adapter_name), 1e-12)
 
+    @regularizers.full_precision
     def subspace_movement(self, adapter_name: str) -> torch.Tensor:
         """How far each subspace moved: ``||U_j diag(s_j) V_j^T - U_j0 diag(s_j0) V_j0^T||_F / rho`` (K,)."""
         with torch.no_grad():
@@ -422,6 +423,7 @@ def _reference_scales(layers: Sequence[MASMLayer], adapter_name: str, like: torc
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
+@regularizers.full_precision
 def stacked_regularization_terms(layers: Sequence[MASMLayer], adapter_name: str) -> dict[str, torch.Tensor]:
     """The orthogonality and spectral terms ((L,) each) of layers that share a weight shape and device, computed
     as one stack: the same values as each layer's ``regularization_terms``, at a fraction of the op count."""
@@ -452,6 +454,7 @@ def stacked_regularization_terms(layers: Sequence[MASMLayer], adapter_name: str)
     )
 
 
+@regularizers.full_precision
 @torch.no_grad()
 def stacked_fit_bound(layers: Sequence[MASMLayer], adapter_name: str) -> torch.Tensor:
     """Project every subspace of these same-shape layers that outgrew ``fit_bound * rho`` back onto the bound

@@ -9,12 +9,37 @@ subspaces have moved by the layer's own scale, whatever the backbone, width or p
 
 Everything is computed from ``K*k``-column factors and small ``K*k x K*k`` Gram matrices; the only
 products with the base weight are ``W^T U`` and ``W V``, once each per layer (no dense m x n matrix is
-formed).
+formed). Every function here runs in float32 even inside ``torch.autocast`` (see ``full_precision``).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def full_precision(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with autocast switched off, so that its products stay in the factors' float32.
+
+    Mixed-precision training computes the loss inside ``torch.autocast`` (``Trainer(bf16=True)`` does), where
+    every matmul would drop to bfloat16: the QR and spectral norms refuse that dtype, and the terms, which are
+    differences of nearly equal energies, would lose their digits. Outside autocast this is a plain call.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+            return fn(*args, **kwargs)
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _block_diagonal(total: int, rank: int, device: torch.device) -> torch.Tensor:
@@ -22,6 +47,7 @@ def _block_diagonal(total: int, rank: int, device: torch.device) -> torch.Tensor
     return (groups[:, None] == groups[None, :]).to(torch.float32)
 
 
+@full_precision
 def subspace_spectral_norms(
     U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int
 ) -> torch.Tensor:
@@ -41,6 +67,7 @@ def subspace_spectral_norms(
     return torch.linalg.matrix_norm(core, ord=2)
 
 
+@full_precision
 def stacked_terms(
     w_t_u: torch.Tensor,
     w_v: torch.Tensor,
@@ -96,6 +123,7 @@ def stacked_terms(
     return {"orthogonality": cross + within + leakage, "spectral": spectral}
 
 
+@full_precision
 def layer_terms(
     weight: torch.Tensor,
     U: torch.Tensor,
@@ -140,6 +168,7 @@ def layer_terms(
     return {key: value[0] for key, value in terms.items()}
 
 
+@full_precision
 def fit_bound_scales(
     U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int, limit: float | torch.Tensor
 ) -> torch.Tensor:
@@ -148,4 +177,4 @@ def fit_bound_scales(
     return (limit / norms.clamp_min(1e-30)).clamp(max=1.0)
 
 
-__all__ = ["fit_bound_scales", "layer_terms", "stacked_terms", "subspace_spectral_norms"]
+__all__ = ["fit_bound_scales", "full_precision", "layer_terms", "stacked_terms", "subspace_spectral_norms"]

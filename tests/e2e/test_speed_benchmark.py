@@ -22,22 +22,35 @@ def _finite(values) -> bool:
 @pytest.mark.slow
 def test_device_suite_runs_on_cpu_and_writes_every_figure(tmp_path):
     out = tmp_path / "device.json"
-    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "tiny", "--out", str(out)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     suite = json.loads(out.read_text())
-    assert set(suite["methods"]) == {"lora_r8", "masm_reg", "osf"}
+    methods = {"lora_r8", "masm", "masm_reg", "masm_reg_lazy4", "osf", "adamss"}
+    assert suite["errors"] == {} and set(suite["methods"]) == methods
     for method, facts in suite["methods"].items():
         assert facts["inject_s"] >= 0 and facts["trainable"]["adapter"] > 0, method
         assert _finite(suite["step_times"][method])
-    assert set(suite["inference_times"]) == {
-        "base",
-        "lora_r8_unmerged",
-        "masm_reg_unmerged",
-        "osf_unmerged",
-        "masm_reg_merged",
+    assert suite["methods"]["masm_reg_lazy4"]["regularization_cycle"] == 4
+    assert set(suite["inference_times"]) == {"base", "masm_reg_merged", "lora_r8_merged"} | {
+        f"{m}_unmerged" for m in methods
     }
     assert all(_finite(times) for times in suite["inference_times"].values())
+    assert set(suite["profile"]) == {"lora_r8", "masm", "masm_reg", "osf"}
+    assert all(p["wall_ms"] > 0 and p["host_ops"] > 0 and p["top_ops"] for p in suite["profile"].values())
+    assert set(suite["compile"]["compiled_vs_eager"]) == {"lora_r8", "masm_reg"}
+    assert _finite(suite["compile"]["steps"]["masm_reg_compiled"])
 
 
 def test_device_suite_refuses_a_missing_accelerator_in_one_line():

@@ -109,3 +109,20 @@ def test_masm_trainer_can_skip_the_step(tmp_path):
         trainer.train()
     assert _all_finite(model)
     assert trainer.state.global_step == 4
+
+
+def test_finiteness_check_sums_mixed_precision_gradients_without_overflow():
+    from peft_masm.training import check_finite_gradients
+
+    params = [
+        torch.nn.Parameter(torch.zeros(3)),
+        torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)),
+        torch.nn.Parameter(torch.zeros(2, dtype=torch.float16)),
+    ]
+    params[0].grad = torch.tensor([3.0, 0.0, 4.0])
+    params[1].grad = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    params[2].grad = torch.tensor([60000.0, 60000.0], dtype=torch.float16)  # norm 84853 > fp16 max
+    assert check_finite_gradients(params, step=0)
+    params[1].grad[0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="optimizer step 0"):
+        check_finite_gradients(params, step=0)
