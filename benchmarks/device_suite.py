@@ -8,8 +8,9 @@ lazily every 4th; PEFT OSF and AdaMSS): injection time (``get_peft_model``, MASM
 time with the forward under autocast (interleaved, synchronised; a lazily regularised method is timed over whole cycles), the
 peak accelerator memory its own model and training add, and unmerged / merged inference time against the frozen
 base. Then one profiled step per method (the accelerator's kernel time against the step's wall time, and the
-ops that take it: is the step bound by the device or by the host's op dispatch?) and, last, ``torch.compile`` of
-the forward + loss + regularisers against the same step eager, for LoRA and regularised MASM.
+ops that take it: is the step bound by the device or by the host's op dispatch?) and, with ``--compile``,
+``torch.compile`` of the forward + loss + regularisers against the same step eager, for LoRA and regularised
+MASM.
 Every time is a median over interleaved repetitions; every ratio is a median of paired ratios. A method
 that fails is recorded under ``errors`` (one line) and the others still run: the suite is meant to be run once,
 on borrowed minutes.
@@ -73,6 +74,7 @@ def run_device_suite(
     preset: str,
     methods: tuple[str, ...] = DEVICE_METHODS,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    compile_methods: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Measure ``methods`` on ``device_name``; ``speed`` is the ``benchmarks/speed.py`` module (models, configs).
 
@@ -190,7 +192,7 @@ def run_device_suite(
 
     result["compile"] = {"steps": {}, "compile_s": {}}
     compiled_steps: dict[str, Callable[[], float]] = {}
-    for method in COMPILED_METHODS:
+    for method in compile_methods:
         if method not in models:
             continue
         try:
@@ -211,7 +213,7 @@ def run_device_suite(
         result["compile"]["steps"] = times
         result["compile"]["compiled_vs_eager"] = {
             method: speed.paired_ratio(times[f"{method}_compiled"], times[f"{method}_eager"])
-            for method in COMPILED_METHODS
+            for method in compile_methods
             if f"{method}_compiled" in times
         }
         if "lora_r8_compiled" in times:

@@ -890,6 +890,12 @@ def main() -> None:
     ap.add_argument(
         "--preset", default="gpu", help="accelerator-suite preset: gpu (ViT-L/14, batch 32) or tiny"
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="accelerator suite: also time torch.compile of LoRA's and regularised MASM's step (slow: on an H200 "
+        "MASM's ViT-L/14 graph did not compile within 5 minutes)",
+    )
     args = ap.parse_args()
 
     if args.device:
@@ -1057,7 +1063,12 @@ def run_device(args: argparse.Namespace) -> None:
         )
 
     suite = device_suite.run_device_suite(
-        sys.modules[__name__], args.device, args.dtype, args.preset, on_progress=save
+        sys.modules[__name__],
+        args.device,
+        args.dtype,
+        args.preset,
+        on_progress=save,
+        compile_methods=device_suite.COMPILED_METHODS if args.compile else (),
     )
     save(suite)
     for method, facts_of in suite["methods"].items():

@@ -61,10 +61,43 @@ def subspace_spectral_norms(
     V_blocks = V.reshape(*batch, V.shape[-2], num, subspace_rank).movedim(-2, -3)
     if subspace_rank == 1:
         return s.abs() * U_blocks.norm(dim=(-2, -1)) * V_blocks.norm(dim=(-2, -1))
+    if subspace_rank == 2:
+        return _rank_two_spectral_norms(_block_grams(U, num), s.reshape(*batch, num, 2), _block_grams(V, num))
     R_u = torch.linalg.qr(U_blocks).R
     R_v = torch.linalg.qr(V_blocks).R
     core = R_u * s.reshape(*batch, num, 1, subspace_rank) @ R_v.transpose(-1, -2)
     return torch.linalg.matrix_norm(core, ord=2)
+
+
+def _block_grams(factor: torch.Tensor, num: int) -> torch.Tensor:
+    """The Gram matrices ``B_j^T B_j`` (..., K, k, k) of the K column blocks of ``factor`` (..., m, K*k): the
+    diagonal blocks of one ``factor^T factor`` product (one wide product is faster than K narrow ones)."""
+    gram = factor.transpose(-1, -2) @ factor
+    total = gram.shape[-1]
+    rank = total // num
+    blocks = gram.reshape(*gram.shape[:-2], num, rank, num, rank).diagonal(dim1=-4, dim2=-2)
+    return blocks.movedim(-1, -3)
+
+
+def _rank_two_spectral_norms(gram_u: torch.Tensor, s: torch.Tensor, gram_v: torch.Tensor) -> torch.Tensor:
+    """``||U_j diag(s_j) V_j^T||_2`` of rank-2 blocks from their 2 x 2 Gram matrices, with no QR or SVD.
+
+    Its square is the largest eigenvalue of ``M = diag(s) G_v diag(s) G_u``, a product of two PSD matrices
+    whose eigenvalues are real and non-negative: ``tr/2 + sqrt(((a - d)/2)^2 + b c)``. The batched QR it
+    replaces took 18 ms of kernel time per fit-bound step on an H200 (ViT-L/14); this is a handful of batched
+    ops. A degenerate block (two equal singular values, or a zero one) keeps a finite gradient.
+    """
+    m = (s.unsqueeze(-1) * gram_v * s.unsqueeze(-2)) @ gram_u
+    a, b, c, d = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
+    discriminant = (0.5 * (a - d)).square() + b * c
+    return _sqrt_with_finite_gradient(0.5 * (a + d) + _sqrt_with_finite_gradient(discriminant))
+
+
+def _sqrt_with_finite_gradient(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(x, 0))``, whose gradient is 0 rather than inf (or NaN) where ``x`` is at or below the smallest
+    normal float."""
+    tiny = torch.finfo(x.dtype).tiny
+    return torch.where(x > tiny, x.clamp_min(tiny).sqrt(), torch.zeros_like(x))
 
 
 @full_precision

@@ -31,6 +31,7 @@ def test_device_suite_runs_on_cpu_and_writes_every_figure(tmp_path):
         "bfloat16",
         "--preset",
         "tiny",
+        "--compile",
         "--out",
         str(out),
     ]

@@ -173,3 +173,36 @@ def test_fit_bound_projection_of_the_stack_matches_each_layer_and_leaves_the_res
             torch.testing.assert_close(p, q)
             if float(norms[j]) < 0.5 * (1 - 1e-4):
                 assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_subspace_spectral_norms_equal_the_dense_norm_also_for_degenerate_blocks(k):
+    from peft_masm.tuner.regularizers import subspace_spectral_norms
+
+    generator = torch.Generator().manual_seed(k)
+    num, m, n = 4, 24, 20
+    U = torch.randn(2, m, num * k, generator=generator, dtype=torch.float64)
+    V = torch.randn(2, n, num * k, generator=generator, dtype=torch.float64)
+    s = torch.rand(2, num * k, generator=generator, dtype=torch.float64) * 1e-3
+    if k > 1:
+        U[1, :, 1] = U[1, :, 0]  # a rank-deficient block
+        s[1, k : 2 * k] = s[1, k]  # equal singular values in another
+    s[1, -k:] = 0  # a zero block
+    got = subspace_spectral_norms(U.float(), s.float(), V.float(), k).double()
+    blocks = [
+        [
+            U[b, :, j * k : (j + 1) * k]
+            @ torch.diag(s[b, j * k : (j + 1) * k])
+            @ V[b, :, j * k : (j + 1) * k].T
+            for j in range(num)
+        ]
+        for b in range(2)
+    ]
+    dense = torch.tensor(
+        [[float(torch.linalg.matrix_norm(x, ord=2)) for x in row] for row in blocks], dtype=torch.float64
+    )
+    torch.testing.assert_close(got, dense, rtol=2e-6, atol=1e-12)
+    # Its gradient stays finite at the degenerate blocks (the penalty differentiates it).
+    leaves = [t.float().requires_grad_() for t in (U, s, V)]
+    subspace_spectral_norms(*leaves, k).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
