@@ -27,9 +27,10 @@ _R = TypeVar("_R")
 def full_precision(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``fn`` with autocast switched off, so that its products stay in the factors' float32.
 
-    Mixed-precision training computes the loss inside ``torch.autocast`` (``Trainer(bf16=True)`` does), where
-    every matmul would drop to bfloat16: the QR and spectral norms refuse that dtype, and the terms, which are
-    differences of nearly equal energies, would lose their digits. Outside autocast this is a plain call.
+    PyTorch's AMP recipe computes the loss inside ``torch.autocast``, so a loop that adds
+    ``regularization_loss()`` there would run every matmul here in bfloat16: the QR and spectral norms refuse
+    that dtype, and the terms, differences of nearly equal energies, would lose their digits. Outside autocast
+    this is a plain call.
     """
 
     @functools.wraps(fn)

@@ -1,7 +1,8 @@
 """MASM under mixed precision: the regularisers, the fit bound and the diagnostics run in float32 whether or not
-the caller's code sits inside ``torch.autocast`` (``Trainer(bf16=True)`` computes the loss there), and they give
-the values they give outside it. Found on the first GPU run of ``benchmarks/speed.py``: under bf16 autocast the
-subspace norms reached ``torch.linalg.qr`` / ``matrix_norm`` in bfloat16, which they refuse."""
+the caller's code sits inside ``torch.autocast`` (PyTorch's AMP recipe puts the forward and the loss there, so a
+loop that adds ``regularization_loss()`` to its loss computes it under autocast), and they give the values they give
+outside it. Found on the first GPU run of ``benchmarks/speed.py``: under bf16 autocast the subspace norms reached
+``torch.linalg.qr`` / ``matrix_norm`` in bfloat16, which they refuse (the first four tests fail before the fix)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,23 @@ def test_fit_bound_and_diagnostics_under_bfloat16_autocast(constraint):
         assert changed
     else:
         assert int(limited) == 0
+
+
+def test_masm_trainer_with_bf16_trains_the_regularised_adapter(tmp_path):
+    """``transformers.Trainer`` mixed precision (``bf16=True``: accelerate's autocast around the forward) with both
+    regularisers and the dynamic mask on trains and stays finite."""
+    from dataclasses import replace
+
+    from tiny_training import RowsDataset, quiet_cpu_arguments
+
+    from peft_masm import MASMTrainer
+
+    model = _regularised_model(layer_mask="dynamic", mask_warmup=1, mask_interval=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = replace(quiet_cpu_arguments(tmp_path), bf16=True)
+    trainer = MASMTrainer(
+        model=model, args=args, train_dataset=RowsDataset([image_batch(i) for i in range(3)])
+    )
+    trainer.train()
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved and all(torch.isfinite(p).all() for p in model.parameters())
