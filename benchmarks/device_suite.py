@@ -197,8 +197,8 @@ def run_device_suite(
             continue
         try:
             speed.log(f"device suite: compiling {method}")
-            eager, compiled = compiled_step_pair(
-                speed, models[method], method, (pixels, labels), device, dtype
+            _, eager, compiled = speed.loss_and_steps(
+                models[method], method, (pixels, labels), dtype, sync=lambda: _sync(device)
             )
             started = time.perf_counter()
             compiled()  # compilation
@@ -261,42 +261,3 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 8) 
             for e in ranked[:top]
         ],
     }
-
-
-def compiled_step_pair(
-    speed: Any,
-    model: nn.Module,
-    method: str,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> tuple[Callable[[], float], Callable[[], float]]:
-    """The same training step twice, eager and with ``torch.compile`` of forward + loss (+ MASM's regularisers);
-    backward, AdamW and the fit-bound projection stay eager in both."""
-    pixels, labels = batch
-    tuner = getattr(model, "base_model", None)
-    regularised = speed.is_masm(method) and model.peft_config["default"].orthogonality_weight > 0
-
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, dtype):
-            logits = model(pixel_values=x).logits
-        loss = nn.functional.cross_entropy(logits.float(), y)
-        return loss + tuner.regularization_loss()["total"] if regularised else loss
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def make(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], float]:
-        def step() -> float:
-            _sync(device)
-            start = time.perf_counter()
-            fn(pixels, labels).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if speed.is_masm(method):
-                tuner.apply_fit_bound()
-            _sync(device)
-            return time.perf_counter() - start
-
-        return step
-
-    return make(loss_of), make(torch.compile(loss_of))

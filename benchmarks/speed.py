@@ -442,30 +442,60 @@ def time_inference(
     return {"times": times, "merge_max_abs_diff": merge_err}
 
 
+def loss_and_steps(
+    model: nn.Module,
+    method: str,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    autocast_dtype: torch.dtype | None = None,
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[], float], Callable[[], float]]:
+    """The training computation ``loss_of(x, y)`` (forward under autocast when ``autocast_dtype`` is given, loss,
+    MASM's regularisers when weighted) and two timed steps over ``batch`` built on it, eager and with
+    ``torch.compile(loss_of)``: backward, AdamW and MASM's fit-bound projection stay eager in both. ``sync``
+    runs before the clock starts and stops (an accelerator's synchronisation)."""
+    pixels, labels = batch
+    tuner = getattr(model, "base_model", None)
+    masm = is_masm(method)
+    regularised = masm and model.peft_config["default"].orthogonality_weight > 0
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = _cross_entropy(model, (x, y), autocast_dtype)
+        return loss + tuner.regularization_loss()["total"] if regularised else loss
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def timed(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], float]:
+        def step() -> float:
+            sync()
+            start = time.perf_counter()
+            fn(pixels, labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if masm:
+                tuner.apply_fit_bound()
+            sync()
+            return time.perf_counter() - start
+
+        return step
+
+    return loss_of, timed(loss_of), timed(torch.compile(loss_of))
+
+
 def compile_check(
     model_name: str, methods: list[str], batch_size: int, warmup: int, steps: int
 ) -> dict[str, Any]:
     """``torch.compile`` of the training computation (forward, loss, MASM's regularisers): graph breaks from
-    ``torch._dynamo.explain`` and the compiled / eager step ratio, interleaved, per method.
-
-    Both variants run the same step: ``loss = f(pixels, labels)`` (``f`` compiled or not), backward, AdamW,
-    and for MASM the fit-bound projection (eager)."""
+    ``torch._dynamo.explain`` and the compiled / eager step ratio, interleaved, per method (``loss_and_steps``)."""
     base = build_base(model_name)
-    pixels, labels = make_batch(model_name, batch_size)
+    batch = make_batch(model_name, batch_size)
     out: dict[str, Any] = {"model": model_name, "batch_size": batch_size, "steps": steps, "methods": {}}
     fns: dict[str, Callable[[], float]] = {}
     for method in methods:
         model = inject(shared_copy(base), method)
         model.train()
-        tuner = getattr(model, "base_model", None)
-        regularised = is_masm(method) and model.peft_config["default"].orthogonality_weight > 0
-
-        def loss_of(x: torch.Tensor, y: torch.Tensor, model=model, tuner=tuner, regularised=regularised):
-            loss = nn.functional.cross_entropy(model(pixel_values=x).logits, y)
-            return loss + tuner.regularization_loss()["total"] if regularised else loss
-
+        loss_of, eager, compiled = loss_and_steps(model, method, batch)
         torch._dynamo.reset()
-        explained = torch._dynamo.explain(loss_of)(pixels, labels)
+        explained = torch._dynamo.explain(loss_of)(*batch)
         reasons = [
             f"{r.reason.splitlines()[0][:120]} ({r.user_stack[-1].filename.rsplit('/', 1)[-1]}:{r.user_stack[-1].lineno})"
             if r.user_stack
@@ -473,25 +503,9 @@ def compile_check(
             for r in explained.break_reasons
         ]
         in_masm_layer = sum("layer.py" in reason or "regularizers.py" in reason for reason in reasons)
-        compiled = torch.compile(loss_of)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        masm = is_masm(method)
-
-        def make_step(fn, model=model, optimizer=optimizer, masm=masm):
-            def step() -> float:
-                start = time.perf_counter()
-                fn(pixels, labels).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if masm:
-                    model.base_model.apply_fit_bound()
-                return time.perf_counter() - start
-
-            return step
-
         log(f"compile {model_name} {method}: first compiled call (compilation)")
         started = time.perf_counter()
-        make_step(compiled)()
+        compiled()
         out["methods"][method] = {
             "graphs": explained.graph_count,
             "graph_breaks": explained.graph_break_count,
@@ -499,8 +513,8 @@ def compile_check(
             "break_reasons": reasons[:5],
             "compile_s": time.perf_counter() - started,
         }
-        fns[f"{method}_eager"] = make_step(loss_of)
-        fns[f"{method}_compiled"] = make_step(compiled)
+        fns[f"{method}_eager"] = eager
+        fns[f"{method}_compiled"] = compiled
     log(f"compile {model_name}: timing {list(fns)}, {warmup} warm-up + {steps} steps")
     out["times"] = interleave(fns, warmup, steps)
     return out
