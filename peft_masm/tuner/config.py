@@ -343,6 +343,13 @@ class MASMConfig(PeftConfig):
         """K * k: the number of minor singular triplets each target layer trains."""
         return self.num_subspaces * self.subspace_rank
 
+    @property
+    def per_subspace_parameters(self) -> bool:
+        """Whether each layer holds one ``U``, ``s`` and ``V`` tensor per subspace (K of each) instead of one of each
+        for all K subspaces together: only a mask over single subspaces needs them (it drops a masked subspace's
+        gradient, so that the optimizer leaves it untouched). Saved adapters have per-subspace keys either way."""
+        return self.layer_mask != "none" and self.mask_granularity == "subspace"
+
 
 def _check_integer(config: MASMConfig, name: str, minimum: int) -> None:
     value = getattr(config, name)

@@ -6,6 +6,12 @@ For a weight ``W`` (m x n) the layer keeps, per adapter, trainable ``U_j (m x k)
 ``x @ Delta^T`` with ``Delta = U diag(s) V^T - U0 diag(s0) V0^T`` computed as one factored
 product of rank ``2*K*k``: ``(x @ [V, V0]) @ [U*s, -U0*s0]^T``.
 
+Layout: each factor is one tensor for all K subspaces together (``masm_U[adapter]`` is a ParameterList of one
+``(m, K*k)`` tensor), so a layer has three trainable tensors, as few as the optimizer, the gradient checks and
+the backward can get; only a mask over single subspaces (``mask_granularity="subspace"``) keeps K tensors per
+factor, one per subspace, so that a masked subspace's gradient can be dropped. Saved adapters hold one key per
+subspace and factor (``masm_U.<adapter>.<j>``, ``(m, k)``) in either layout, so files do not depend on it.
+
 A layer created for training is decomposed by ``MASMModel.decompose()`` (``get_peft_model`` calls it);
 a layer whose weights come from a saved adapter never is. ``forward()`` and the regularisers never run
 an SVD: they refuse an adapter whose factors were neither computed nor loaded.
@@ -103,14 +109,16 @@ class MASMLayer(BaseTunerLayer):
         m, n = self.out_features, self.in_features
         device = self.get_base_layer().weight.device
         factory = {"device": device, "dtype": torch.float32}
+        blocks = num if config.per_subspace_parameters else 1
+        width = total // blocks
         self.masm_U[adapter_name] = nn.ParameterList(
-            [nn.Parameter(torch.zeros(m, rank, **factory)) for _ in range(num)]
+            [nn.Parameter(torch.zeros(m, width, **factory)) for _ in range(blocks)]
         )
         self.masm_s[adapter_name] = nn.ParameterList(
-            [nn.Parameter(torch.zeros(rank, **factory)) for _ in range(num)]
+            [nn.Parameter(torch.zeros(width, **factory)) for _ in range(blocks)]
         )
         self.masm_V[adapter_name] = nn.ParameterList(
-            [nn.Parameter(torch.zeros(n, rank, **factory)) for _ in range(num)]
+            [nn.Parameter(torch.zeros(n, width, **factory)) for _ in range(blocks)]
         )
         self.masm_U0[adapter_name] = torch.zeros(m, total, **factory)
         self.masm_s0[adapter_name] = torch.zeros(total, **factory)
@@ -164,7 +172,6 @@ class MASMLayer(BaseTunerLayer):
     def set_decomposition(self, adapter_name: str, triplets: MinorTriplets) -> None:
         """Fill ``adapter_name``'s factors and buffers from the minor triplets of the base weight."""
         order = self._subspace_order(adapter_name).to(triplets.U.device)
-        num, rank = self.masm_num_subspaces[adapter_name], self.masm_subspace_rank[adapter_name]
         device = self.masm_U0[adapter_name].device
         U0, S0, V0 = (t.to(device)[..., order] for t in (triplets.U, triplets.S, triplets.V))
         self.masm_U0[adapter_name].copy_(U0)
@@ -175,8 +182,9 @@ class MASMLayer(BaseTunerLayer):
         self._masm_rho.pop(adapter_name, None)
         self.reference_scale_value(adapter_name)  # read now (one sync), so that no forward ever has to
         scaled = self.masm_subspace_alpha[adapter_name] is not None
-        for j in range(num):
-            cols = slice(j * rank, (j + 1) * rank)
+        width = self.block_width(adapter_name)
+        for j in range(len(self.masm_s[adapter_name])):
+            cols = slice(j * width, (j + 1) * width)
             self.masm_U[adapter_name][j].copy_(U0[:, cols])
             # Scaled parametrisation: the trainable offset starts at 0 (s = s0). Raw: s itself starts at s0.
             self.masm_s[adapter_name][j].copy_(torch.zeros_like(S0[cols]) if scaled else S0[cols])
@@ -227,6 +235,12 @@ class MASMLayer(BaseTunerLayer):
                 "(or set `check_base_model=False` in that config if this is intended)."
             )
 
+    def block_width(self, adapter_name: str) -> int:
+        """Columns of one trainable factor tensor: ``K*k`` (one tensor for all subspaces) or ``k`` (one per
+        subspace, ``MASMConfig.per_subspace_parameters``)."""
+        total = self.masm_num_subspaces[adapter_name] * self.masm_subspace_rank[adapter_name]
+        return total // len(self.masm_s[adapter_name])
+
     # ------------------------------------------------------------------------------------ the delta
     def singular_value_unit(self, adapter_name: str) -> float | None:
         """``subspace_alpha * rho``: what one unit of the trainable ``masm_s`` is worth in singular value
@@ -242,12 +256,12 @@ class MASMLayer(BaseTunerLayer):
         step however small its starting singular values are (they sit at 1e-4..1e-2 rho on real backbones).
         """
         self._require_factors(adapter_name)
-        U = torch.cat(list(self.masm_U[adapter_name]), dim=1)
-        s = torch.cat(list(self.masm_s[adapter_name]))
-        V = torch.cat(list(self.masm_V[adapter_name]), dim=1)
+        U = _joined(self.masm_U[adapter_name], dim=1)
+        s = _joined(self.masm_s[adapter_name], dim=0)
+        V = _joined(self.masm_V[adapter_name], dim=1)
         unit = self.singular_value_unit(adapter_name)
         if unit is not None:
-            s = self.masm_s0[adapter_name] + unit * s
+            s = torch.add(self.masm_s0[adapter_name], s, alpha=unit)
         return U, s, V
 
     def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,6 +399,11 @@ class MASMLayer(BaseTunerLayer):
                 base.weight.data -= self.get_delta_weight(name)
 
 
+def _joined(params: nn.ParameterList, dim: int) -> torch.Tensor:
+    """The factor tensors of a ParameterList side by side (the tensor itself when there is one: no copy)."""
+    return params[0] if len(params) == 1 else torch.cat(list(params), dim=dim)
+
+
 class _Stack(NamedTuple):
     """The factors of L same-shape layers, stacked: U (L, m, T), s (L, T) in singular-value units, V (L, n, T),
     the raw trainable ``masm_s`` (L, T), s0 (L, T) and the per-layer singular-value unit (L, 1) or ``None``."""
@@ -472,7 +491,7 @@ def stacked_fit_bound(layers: Sequence[MASMLayer], adapter_name: str) -> torch.T
         scaled = (stack.s * per_column - stack.s0) / stack.units
     new = torch.where(per_column < 1, scaled, stack.raw_s)  # untouched subspaces keep their exact values
     params = [p for layer in layers for p in layer.masm_s[adapter_name]]
-    torch._foreach_copy_(params, list(new.reshape(-1).split(rank)))
+    torch._foreach_copy_(params, list(new.reshape(-1).split(first.block_width(adapter_name))))
     return (scales < 1).sum()
 
 
@@ -487,12 +506,14 @@ class Linear(nn.Module, MASMLayer):
 
         self._loading: tuple[str, list[str]] | None = None
         self.register_load_state_dict_post_hook(_finish_loading)
+        self.register_state_dict_post_hook(_save_per_subspace)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Children (the buffer dicts) load after this call; the post-hook finishes the job.
         loaded = [name for name in self.masm_pending if f"{prefix}masm_U0.{name}" in state_dict]
         for name in loaded:
             self._check_saved_shape(state_dict, prefix, name)
+            self._join_saved_subspaces(state_dict, prefix, name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._loading = (prefix, loaded)
 
@@ -517,6 +538,23 @@ class Linear(nn.Module, MASMLayer):
             f"MASM adapter '{adapter_name}' does not match its saved weights at layer '{layer}': adapter_config.json "
             f"has {' and '.join(fields)}; set those fields back to the saved values (or save the adapter again)."
         )
+
+    def _join_saved_subspaces(self, state_dict, prefix: str, adapter_name: str) -> None:
+        """Rewrite the saved per-subspace keys into this layer's factor tensors (one per factor, or one per
+        subspace: then nothing changes)."""
+        num, blocks = self.masm_num_subspaces[adapter_name], len(self.masm_s[adapter_name])
+        if blocks == num:
+            return
+        per_block = num // blocks
+        for factor, dim in (("masm_U", 1), ("masm_s", 0), ("masm_V", 1)):
+            keys = [f"{prefix}{factor}.{adapter_name}.{j}" for j in range(num)]
+            if not all(key in state_dict for key in keys):
+                continue  # not per-subspace: the load reports what is missing
+            saved = [state_dict.pop(key) for key in keys]
+            for b in range(blocks):
+                state_dict[f"{prefix}{factor}.{adapter_name}.{b}"] = torch.cat(
+                    saved[b * per_block : (b + 1) * per_block], dim=dim
+                )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -561,6 +599,25 @@ class Linear(nn.Module, MASMLayer):
 
     def __repr__(self) -> str:
         return "masm." + super().__repr__()
+
+
+def _save_per_subspace(module: Linear, state_dict, prefix: str, local_metadata) -> None:
+    """``state_dict()`` holds one key per subspace and factor, ``masm_U.<adapter>.<j>`` of shape ``(m, k)``,
+    whatever the layer's layout (what ``_join_saved_subspaces`` reads back)."""
+    for adapter_name, s_blocks in module.masm_s.items():
+        num, blocks = module.masm_num_subspaces[adapter_name], len(s_blocks)
+        if blocks == num:
+            continue
+        rank = module.masm_subspace_rank[adapter_name]
+        for factor, dim in (("masm_U", 1), ("masm_s", 0), ("masm_V", 1)):
+            stem = f"{prefix}{factor}.{adapter_name}."
+            if f"{stem}0" not in state_dict:
+                continue
+            tensors = [state_dict.pop(f"{stem}{b}") for b in range(blocks)]
+            joined = tensors[0] if blocks == 1 else torch.cat(tensors, dim=dim)
+            # Copies, not views: safetensors refuses tensors that share a storage.
+            for j, piece in enumerate(joined.detach().split(rank, dim=dim)):
+                state_dict[f"{stem}{j}"] = piece.clone(memory_format=torch.contiguous_format)
 
 
 def _finish_loading(module: Linear, incompatible_keys) -> None:
