@@ -238,7 +238,17 @@ class LayerMaskController:
         def to_device(nested):
             return None if nested is None else [[t.to(device) for t in unit] for unit in nested]
 
-        self.ema_mean, self.ema_sq = to_device(state["ema_mean"]), to_device(state["ema_sq"])
+        ema_mean, ema_sq = to_device(state["ema_mean"]), to_device(state["ema_sq"])
+        if ema_mean is not None:
+            expected = [[tuple(p.shape) for p in unit.params(self.adapter_name)] for unit in self.units]
+            saved = [[tuple(t.shape) for t in unit] for unit in ema_mean]
+            if saved != expected:
+                raise ValueError(
+                    "This layer-mask state holds gradient statistics for another layout of the factor tensors "
+                    "(saved by an earlier peft_masm, which kept one tensor per subspace): resume from a checkpoint "
+                    "saved by this version, or drop the layer-mask state to start its statistics anew."
+                )
+        self.ema_mean, self.ema_sq = ema_mean, ema_sq
         self.num_updates = int(state["num_updates"])
         self.num_steps = int(state.get("num_steps", state["num_updates"]))
         self.calibrated = bool(state["calibrated"])

@@ -115,3 +115,19 @@ def test_the_layer_mask_trains_the_same_in_either_layout():
     for a_layer, b_layer in zip(_layers(joined), _layers(split)):
         for a, b in zip(a_layer.factors("default"), b_layer.factors("default")):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_statistics_saved_for_the_other_layout_are_refused_with_a_clear_error():
+    """A checkpoint from before one-tensor-per-factor holds per-subspace gradient statistics."""
+    options = {"layer_mask": "dynamic", "modules_to_save": ["classifier"]}
+    old = get_peft_model(tiny_vit_classifier(), _config(**options, mask_granularity="subspace"))
+    old.peft_config["default"].mask_granularity = "layer"  # what a whole-layer mask over K tensors saved
+    _train(old, 1)
+    state = old.base_model.layer_mask.state_dict()
+    new = get_peft_model(tiny_vit_classifier(), _config(**options))
+    with pytest.raises(ValueError, match="another layout of the factor tensors"):
+        new.base_model.layer_mask.load_state_dict(state)
+    same = get_peft_model(tiny_vit_classifier(), _config(**options))
+    _train(same, 1)
+    new.base_model.layer_mask.load_state_dict(same.base_model.layer_mask.state_dict())
+    assert new.base_model.layer_mask.num_updates == 1
