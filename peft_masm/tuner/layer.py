@@ -81,6 +81,8 @@ class MASMLayer(BaseTunerLayer):
         self._masm_rho: dict[str, float] = {}  # reference scale per adapter, read once from the fingerprint
         # (A, B) of the delta per adapter for forwards without autograd, with the storage/version key it was built at
         self._masm_delta_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # per-layer scales of a stack led by this layer, as device tensors, by their values (see _layer_values)
+        self._masm_stack_values: dict[tuple, torch.Tensor] = {}
         self.masm_pending: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -432,14 +434,28 @@ def _stack_factors(layers: Sequence[MASMLayer], adapter_name: str) -> _Stack:
     s = raw_s
     if first.masm_subspace_alpha[adapter_name] is not None:
         values = [layer.singular_value_unit(adapter_name) for layer in layers]
-        units = torch.tensor(values, dtype=raw_s.dtype, device=raw_s.device)[:, None]
+        units = _layer_values(first, values, raw_s)[:, None]
         s = s0 + units * raw_s
     return _Stack(U, s, V, raw_s, s0, units)
 
 
+def _layer_values(first: MASMLayer, values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """``values`` (one float per layer of a stack) as a tensor on ``like``'s device, made once per values and device:
+    a tensor made from Python floats is a blocking host-to-device copy, which on a GPU waits for every queued kernel
+    (twice per training step in the fit bound, twice more with the regularisers)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    key = (like.device, like.dtype, *values)
+    cached = first._masm_stack_values.get(key)
+    if cached is None:
+        if len(first._masm_stack_values) >= 8:  # old values (a reload, a move to another device)
+            first._masm_stack_values.clear()
+        cached = first._masm_stack_values[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return cached
+
+
 def _reference_scales(layers: Sequence[MASMLayer], adapter_name: str, like: torch.Tensor) -> torch.Tensor:
-    values = [layer.reference_scale_value(adapter_name) for layer in layers]
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _layer_values(layers[0], [layer.reference_scale_value(adapter_name) for layer in layers], like)
 
 
 @regularizers.full_precision

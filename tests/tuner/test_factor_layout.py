@@ -131,3 +131,21 @@ def test_mask_statistics_saved_for_the_other_layout_are_refused_with_a_clear_err
     _train(same, 1)
     new.base_model.layer_mask.load_state_dict(same.base_model.layer_mask.state_dict())
     assert new.base_model.layer_mask.num_updates == 1
+
+
+def test_the_per_step_stack_makes_no_tensor_from_python_floats_after_the_first_step(monkeypatch):
+    """The fit bound and the regularisers need each layer's scale as a tensor; made from Python floats at every
+    step, that is a blocking host-to-device copy on a GPU (it waits for every queued kernel). They are made once."""
+    model = get_peft_model(tiny_vit(), _config(orthogonality_weight=0.1, spectral_weight=0.1))
+    masm = model.base_model
+    masm.apply_fit_bound()
+    first = masm.regularization_loss()["total"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor called in a training step after the first")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "tensor", refuse)
+        masm.apply_fit_bound()
+        again = masm.regularization_loss()["total"]
+    torch.testing.assert_close(again, first)
