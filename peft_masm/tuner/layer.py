@@ -80,7 +80,7 @@ class MASMLayer(BaseTunerLayer):
         self.masm_subspace_alpha: dict[str, float | None] = {}
         self._masm_rho: dict[str, float] = {}  # reference scale per adapter, read once from the fingerprint
         # (A, B) of the delta per adapter for forwards without autograd, with the storage/version key it was built at
-        self._masm_delta_cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._masm_delta_cache: dict[str, tuple[list, torch.Tensor, torch.Tensor]] = {}
         # per-layer scales of a stack led by this layer, as device tensors, by their values (see _layer_values)
         self._masm_stack_values: dict[tuple, torch.Tensor] = {}
         self.masm_pending: dict[str, bool] = {}
@@ -152,6 +152,7 @@ class MASMLayer(BaseTunerLayer):
         target = device if device is not None else self.get_base_layer().weight.device
         if target == torch.device("meta"):
             return
+        self._masm_delta_cache.pop(adapter_name, None)
         for name in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, name, None)
             if isinstance(container, (nn.ModuleDict, BufferDict)) and adapter_name in container:
@@ -182,6 +183,7 @@ class MASMLayer(BaseTunerLayer):
         self.masm_sigma_r[adapter_name].fill_(float(triplets.sigma_r))
         self.masm_fingerprint[adapter_name].copy_(weight_fingerprint(self.get_base_layer().weight))
         self._masm_rho.pop(adapter_name, None)
+        self._masm_delta_cache.pop(adapter_name, None)
         self.reference_scale_value(adapter_name)  # read now (one sync), so that no forward ever has to
         scaled = self.masm_subspace_alpha[adapter_name] is not None
         width = self.block_width(adapter_name)
@@ -217,6 +219,7 @@ class MASMLayer(BaseTunerLayer):
         for adapter_name in adapter_names:
             self.masm_pending[adapter_name] = False
             self._masm_rho.pop(adapter_name, None)
+            self._masm_delta_cache.pop(adapter_name, None)
             # rho from the loaded fingerprint, read once here so that no forward has to (a sync, a graph break)
             if self.masm_fingerprint[adapter_name].device.type != "meta":
                 self.reference_scale_value(adapter_name)
@@ -269,19 +272,17 @@ class MASMLayer(BaseTunerLayer):
     def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` with ``Delta = B @ A.T``: A = [V, V0] (n, 2Kk), B = [U*s, -U0*s0] (m, 2Kk).
 
-        Without autograd (inference, ``torch.no_grad``) they are built once and reused until a factor changes
-        (an optimizer step, a load, a move to another device: each changes a tensor's version or storage)."""
+        Without autograd (inference, ``torch.no_grad``) they are built once and reused until a trainable factor
+        changes (an optimizer step, a load, a move to another device or dtype: each changes a tensor's version or
+        storage); the frozen buffers change only where the factors are set (decomposition, loading, a device move
+        of the adapter), which drop the cache. The check is a few microseconds of Python per layer and forward, which
+        a host-bound forward (a GPU's at small batch) pays in full."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._build_delta_factors(adapter_name)
-        tensors: list[torch.Tensor] = [
-            *self.masm_U[adapter_name].parameters(),
-            *self.masm_s[adapter_name].parameters(),
-            *self.masm_V[adapter_name].parameters(),
-            self.masm_U0[adapter_name],
-            self.masm_s0[adapter_name],
-            self.masm_V0[adapter_name],
-        ]
-        key = (self.singular_value_unit(adapter_name), *((t.data_ptr(), t._version) for t in tensors))
+        key = [self.singular_value_unit(adapter_name)]
+        for factor in (self.masm_U, self.masm_s, self.masm_V):
+            for tensor in factor[adapter_name]._parameters.values():
+                key += (tensor.data_ptr(), tensor._version)
         cached = self._masm_delta_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
