@@ -281,7 +281,7 @@ class MASMLayer(BaseTunerLayer):
             return self._build_delta_factors(adapter_name)
         key = [self.singular_value_unit(adapter_name)]
         for factor in (self.masm_U, self.masm_s, self.masm_V):
-            for tensor in factor[adapter_name]._parameters.values():
+            for tensor in _tensors(factor[adapter_name]):
                 key += (tensor.data_ptr(), tensor._version)
         cached = self._masm_delta_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
@@ -402,9 +402,15 @@ class MASMLayer(BaseTunerLayer):
                 base.weight.data -= self.get_delta_weight(name)
 
 
+def _tensors(params: nn.ParameterList) -> list[torch.Tensor]:
+    """The tensors of a ParameterList, read from its dict (its ``__iter__`` costs ~1 us of Python per item)."""
+    return list(params._parameters.values())
+
+
 def _joined(params: nn.ParameterList, dim: int) -> torch.Tensor:
     """The factor tensors of a ParameterList side by side (the tensor itself when there is one: no copy)."""
-    return params[0] if len(params) == 1 else torch.cat(list(params), dim=dim)
+    tensors = _tensors(params)
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 class _Stack(NamedTuple):
@@ -426,10 +432,12 @@ def _stack_factors(layers: Sequence[MASMLayer], adapter_name: str) -> _Stack:
     m, n = first.out_features, first.in_features
     total = first.masm_num_subspaces[adapter_name] * first.masm_subspace_rank[adapter_name]
     count = len(layers)
-    U = torch.cat([p for layer in layers for p in layer.masm_U[adapter_name]], dim=1)
-    V = torch.cat([p for layer in layers for p in layer.masm_V[adapter_name]], dim=1)
+    U = torch.cat([p for layer in layers for p in _tensors(layer.masm_U[adapter_name])], dim=1)
+    V = torch.cat([p for layer in layers for p in _tensors(layer.masm_V[adapter_name])], dim=1)
     U, V = U.reshape(m, count, total).transpose(0, 1), V.reshape(n, count, total).transpose(0, 1)
-    raw_s = torch.cat([p for layer in layers for p in layer.masm_s[adapter_name]]).reshape(count, total)
+    raw_s = torch.cat([p for layer in layers for p in _tensors(layer.masm_s[adapter_name])]).reshape(
+        count, total
+    )
     s0 = torch.stack([layer.masm_s0[adapter_name] for layer in layers])
     units = None
     s = raw_s
@@ -507,7 +515,7 @@ def stacked_fit_bound(layers: Sequence[MASMLayer], adapter_name: str) -> torch.T
     else:  # scale s_j = s0_j + unit * t_j, and write the offset t_j back
         scaled = (stack.s * per_column - stack.s0) / stack.units
     new = torch.where(per_column < 1, scaled, stack.raw_s)  # untouched subspaces keep their exact values
-    params = [p for layer in layers for p in layer.masm_s[adapter_name]]
+    params = [p for layer in layers for p in _tensors(layer.masm_s[adapter_name])]
     torch._foreach_copy_(params, list(new.reshape(-1).split(first.block_width(adapter_name))))
     return (scales < 1).sum()
 
