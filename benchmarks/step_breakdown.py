@@ -7,13 +7,17 @@ Four parts, each timed in one process (medians; the model forward + backward int
 * one AdamW step over each method's trainable tensors, with torch's default CPU implementation and ``foreach``;
 * MASM's fit-bound projection (``apply_fit_bound``, every optimizer step);
 * MASM's regularisers (``regularization_loss()`` forward + backward), and the share of it spent in the
-  products with the frozen weights (``aten::mm``, from ``torch.profiler``).
+  products with the frozen weights (``aten::mm``, from ``torch.profiler``);
+* the ops the host dispatches per part (aten ops counted by ``torch.profiler``: what a host-bound GPU step pays
+  per op), and the inference cache check of one MASM layer (``delta_factors`` under ``inference_mode``).
 
-Run: ``.venv/bin/python benchmarks/step_breakdown.py`` (about two minutes, 1 thread).
+Run: ``.venv/bin/python benchmarks/step_breakdown.py`` (about two minutes, 1 thread), or with
+``--model narrow-l14 --batch 2`` for the host-bound stand-in of ``speed.py --device cpu --preset host``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -40,6 +44,13 @@ def median_ms(fn: Callable[[], object], reps: int = 10) -> float:
     return statistics.median(times) * 1e3
 
 
+def aten_ops(fn: Callable[[], object]) -> int:
+    """How many aten ops one call of ``fn`` dispatches."""
+    with torch.profiler.profile() as profile:
+        fn()
+    return sum(e.count for e in profile.key_averages() if e.key.startswith("aten::"))
+
+
 def forward_backward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], float]:
     pixels, labels = batch
 
@@ -53,13 +64,17 @@ def forward_backward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor])
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit-b16", choices=sorted(speed.MODELS))
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    base = speed.build_base("vit-b16")
-    batch = speed.make_batch("vit-b16", 1)
+    base = speed.build_base(args.model)
+    batch = speed.make_batch(args.model, args.batch)
     models = {m: speed.inject(speed.shared_copy(base), m) for m in METHODS}
     for model in models.values():
         model.train()
-    print(f"ViT-B/16, batch 1, 1 thread, load average {os.getloadavg()[0]:.1f}")
+    print(f"{args.model}, batch {args.batch}, 1 thread, load average {os.getloadavg()[0]:.1f}")
 
     times = speed.interleave({m: forward_backward(models[m], batch) for m in METHODS}, 2, 12)
     for m in METHODS:
@@ -76,11 +91,20 @@ def main() -> None:
         for foreach in (False, True):
             optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
             cells.append(f"{'foreach' if foreach else 'default'} {median_ms(optimizer.step):5.1f} ms")
+        cells.append(f"{aten_ops(optimizer.step)} ops")
         print(f"AdamW step {m:>9} ({len(params)} tensors): {', '.join(cells)}")
         models[m].zero_grad(set_to_none=True)
+        ops = aten_ops(forward_backward(models[m], batch))
+        print(f"  forward+backward ops {m:>9}: {ops}")
 
     masm = models["masm_reg"].base_model
-    print(f"fit-bound projection: {median_ms(masm.apply_fit_bound):.1f} ms")
+    print(
+        f"fit-bound projection: {median_ms(masm.apply_fit_bound):.1f} ms, {aten_ops(masm.apply_fit_bound)} ops"
+    )
+    _, layer = next(masm.masm_layers())
+    with torch.inference_mode():
+        check_us = median_ms(lambda: layer.delta_factors("default"), reps=2000) * 1e3
+    print(f"inference cache check of one layer (delta_factors, cached): {check_us:.1f} us")
 
     def regularisers() -> None:
         masm.regularization_loss()["total"].backward()

@@ -32,6 +32,9 @@ from . import regularizers
 from .config import MASMConfig
 from .decomposition import MinorTriplets, fingerprint_deviation, weight_fingerprint
 
+# The trainable factors and the axis along which their subspaces sit side by side.
+_FACTOR_AXES = (("masm_U", 1), ("masm_s", 0), ("masm_V", 1))
+
 
 class BaseModelMismatchError(ValueError):
     """Raised when an adapter is loaded onto a base model other than the one it was trained on."""
@@ -571,7 +574,7 @@ class Linear(nn.Module, MASMLayer):
         if blocks == num:
             return
         per_block = num // blocks
-        for factor, dim in (("masm_U", 1), ("masm_s", 0), ("masm_V", 1)):
+        for factor, dim in _FACTOR_AXES:
             keys = [f"{prefix}{factor}.{adapter_name}.{j}" for j in range(num)]
             if not all(key in state_dict for key in keys):
                 continue  # not per-subspace: the load reports what is missing
@@ -634,7 +637,7 @@ def _save_per_subspace(module: Linear, state_dict, prefix: str, local_metadata) 
         if blocks == num:
             continue
         rank = module.masm_subspace_rank[adapter_name]
-        for factor, dim in (("masm_U", 1), ("masm_s", 0), ("masm_V", 1)):
+        for factor, dim in _FACTOR_AXES:
             stem = f"{prefix}{factor}.{adapter_name}."
             if f"{stem}0" not in state_dict:
                 continue

@@ -53,9 +53,8 @@ class MASMModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject MASM layers; a trainable adapter is decomposed at once, a loaded one never is."""
         self._check_model_type(model, self.peft_config[adapter_name])
-        self._forget_layers()  # an existing MASM layer may gain this adapter without being replaced
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._forget_layers()
+        self._forget_layers()  # an existing MASM layer may have gained this adapter without being replaced
         # Adapters created for training (get_peft_model, add_adapter) get their SVD now, so that edits,
         # optimizers and wrappers see the real factors. Adapters injected in inference mode, which is
         # how PeftModel.from_pretrained builds them before loading their weights, stay lazy: loading
