@@ -84,6 +84,8 @@ class MASMLayer(BaseTunerLayer):
         self._masm_rho: dict[str, float] = {}  # reference scale per adapter, read once from the fingerprint
         # (A, B) of the delta per adapter for forwards without autograd, with the storage/version key it was built at
         self._masm_delta_cache: dict[str, tuple[list, torch.Tensor, torch.Tensor]] = {}
+        # -U0 diag(s0), the frozen half of B, per adapter, with the (U0, s0) tensors and versions it was made from
+        self._masm_frozen_half: dict[str, tuple[torch.Tensor, int, torch.Tensor, int, torch.Tensor]] = {}
         # per-layer scales of a stack led by this layer, as device tensors, by their values (see _layer_values)
         self._masm_stack_values: dict[tuple, torch.Tensor] = {}
         self.masm_pending: dict[str, bool] = {}
@@ -160,6 +162,12 @@ class MASMLayer(BaseTunerLayer):
             container = getattr(self, name, None)
             if isinstance(container, (nn.ModuleDict, BufferDict)) and adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter from this layer, with what the layer keeps of it besides PEFT's containers."""
+        super().delete_adapter(adapter_name)
+        for cache in (self._masm_rho, self._masm_delta_cache, self._masm_frozen_half):
+            cache.pop(adapter_name, None)
 
     # --------------------------------------------------------------------------------- decomposition
     def pending_decomposition(self, adapter_name: str) -> bool:
@@ -264,13 +272,23 @@ class MASMLayer(BaseTunerLayer):
         step however small its starting singular values are (they sit at 1e-4..1e-2 rho on real backbones).
         """
         self._require_factors(adapter_name)
-        U = _joined(self.masm_U[adapter_name], dim=1)
-        s = _joined(self.masm_s[adapter_name], dim=0)
-        V = _joined(self.masm_V[adapter_name], dim=1)
+        U = _joined(self._trainable("masm_U", adapter_name), dim=1)
+        s = _joined(self._trainable("masm_s", adapter_name), dim=0)
+        V = _joined(self._trainable("masm_V", adapter_name), dim=1)
         unit = self.singular_value_unit(adapter_name)
         if unit is not None:
-            s = torch.add(self.masm_s0[adapter_name], s, alpha=unit)
+            s = torch.add(self._frozen("masm_s0", adapter_name), s, alpha=unit)
         return U, s, V
+
+    # The forward reads these for every layer and step: straight from the module dicts, not through
+    # nn.Module.__getattr__ (~1 us each, a few dozen per layer and step on a host-bound accelerator).
+    def _trainable(self, factor: str, adapter_name: str) -> list[torch.Tensor]:
+        """The tensors of trainable factor ``factor`` (``"masm_U"``, ``"masm_s"``, ``"masm_V"``) of an adapter."""
+        return list(self._modules[factor]._modules[adapter_name]._parameters.values())
+
+    def _frozen(self, buffer: str, adapter_name: str) -> torch.Tensor:
+        """The frozen buffer ``buffer`` (``"masm_U0"``, ``"masm_s0"``, ...) of an adapter."""
+        return self._modules[buffer]._buffers[adapter_name]
 
     def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` with ``Delta = B @ A.T``: A = [V, V0] (n, 2Kk), B = [U*s, -U0*s0] (m, 2Kk).
@@ -283,8 +301,8 @@ class MASMLayer(BaseTunerLayer):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._build_delta_factors(adapter_name)
         key = [self.singular_value_unit(adapter_name)]
-        for factor in (self.masm_U, self.masm_s, self.masm_V):
-            for tensor in _tensors(factor[adapter_name]):
+        for factor in ("masm_U", "masm_s", "masm_V"):
+            for tensor in self._trainable(factor, adapter_name):
                 key += (tensor.data_ptr(), tensor._version)
         cached = self._masm_delta_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
@@ -295,9 +313,30 @@ class MASMLayer(BaseTunerLayer):
 
     def _build_delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         U, s, V = self.factors(adapter_name)
-        A = torch.cat([V, self.masm_V0[adapter_name]], dim=1)
-        B = torch.cat([U * s, -self.masm_U0[adapter_name] * self.masm_s0[adapter_name]], dim=1)
+        A = torch.cat([V, self._frozen("masm_V0", adapter_name)], dim=1)
+        B = torch.cat([U * s, self._frozen_half(adapter_name)], dim=1)
         return A, B
+
+    def _frozen_half(self, adapter_name: str) -> torch.Tensor:
+        """``-U0 diag(s0)``, the frozen half of B: a constant, made once and kept until ``U0`` or ``s0`` is replaced
+        or written to (a load, a decomposition, a move to another device or dtype), instead of two kernels per layer
+        and forward. The kept pair holds the tensors themselves, so that a replaced buffer is never taken for its
+        successor."""
+        U0, s0 = self._frozen("masm_U0", adapter_name), self._frozen("masm_s0", adapter_name)
+        if torch.compiler.is_compiling():
+            return -U0 * s0
+        cached = self._masm_frozen_half.get(adapter_name)
+        if (
+            cached is None
+            or cached[0] is not U0
+            or cached[2] is not s0
+            or cached[1] != U0._version
+            or cached[3] != s0._version
+        ):
+            with torch.no_grad():
+                half = -U0 * s0
+            cached = self._masm_frozen_half[adapter_name] = (U0, U0._version, s0, s0._version, half)
+        return cached[4]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense weight change of ``adapter_name`` (for merging and LoRA export only)."""
@@ -405,14 +444,8 @@ class MASMLayer(BaseTunerLayer):
                 base.weight.data -= self.get_delta_weight(name)
 
 
-def _tensors(params: nn.ParameterList) -> list[torch.Tensor]:
-    """The tensors of a ParameterList, read from its dict (its ``__iter__`` costs ~1 us of Python per item)."""
-    return list(params._parameters.values())
-
-
-def _joined(params: nn.ParameterList, dim: int) -> torch.Tensor:
-    """The factor tensors of a ParameterList side by side (the tensor itself when there is one: no copy)."""
-    tensors = _tensors(params)
+def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """A factor's tensors side by side (the tensor itself when there is one: no copy)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
@@ -435,13 +468,13 @@ def _stack_factors(layers: Sequence[MASMLayer], adapter_name: str) -> _Stack:
     m, n = first.out_features, first.in_features
     total = first.masm_num_subspaces[adapter_name] * first.masm_subspace_rank[adapter_name]
     count = len(layers)
-    U = torch.cat([p for layer in layers for p in _tensors(layer.masm_U[adapter_name])], dim=1)
-    V = torch.cat([p for layer in layers for p in _tensors(layer.masm_V[adapter_name])], dim=1)
+    U = torch.cat([p for layer in layers for p in layer._trainable("masm_U", adapter_name)], dim=1)
+    V = torch.cat([p for layer in layers for p in layer._trainable("masm_V", adapter_name)], dim=1)
     U, V = U.reshape(m, count, total).transpose(0, 1), V.reshape(n, count, total).transpose(0, 1)
-    raw_s = torch.cat([p for layer in layers for p in _tensors(layer.masm_s[adapter_name])]).reshape(
+    raw_s = torch.cat([p for layer in layers for p in layer._trainable("masm_s", adapter_name)]).reshape(
         count, total
     )
-    s0 = torch.stack([layer.masm_s0[adapter_name] for layer in layers])
+    s0 = torch.stack([layer._frozen("masm_s0", adapter_name) for layer in layers])
     units = None
     s = raw_s
     if first.masm_subspace_alpha[adapter_name] is not None:
@@ -518,8 +551,10 @@ def stacked_fit_bound(layers: Sequence[MASMLayer], adapter_name: str) -> torch.T
     else:  # scale s_j = s0_j + unit * t_j, and write the offset t_j back
         scaled = (stack.s * per_column - stack.s0) / stack.units
     new = torch.where(per_column < 1, scaled, stack.raw_s)  # untouched subspaces keep their exact values
-    params = [p for layer in layers for p in _tensors(layer.masm_s[adapter_name])]
-    torch._foreach_copy_(params, list(new.reshape(-1).split(first.block_width(adapter_name))))
+    params = [p for layer in layers for p in layer._trainable("masm_s", adapter_name)]
+    width = first.block_width(adapter_name)
+    pieces = new.unbind(0) if width == new.shape[-1] else new.reshape(-1).split(width)
+    torch._foreach_copy_(params, list(pieces))
     return (scales < 1).sum()
 
 
@@ -595,11 +630,13 @@ class Linear(nn.Module, MASMLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        adapters = self._modules["masm_U"]._modules
         for name in self.active_adapters:
-            if name not in self.masm_U:
+            if name not in adapters:
                 continue
             A, B = self.delta_factors(name)
-            result = result + ((x.to(A.dtype) @ A) @ B.T).to(result.dtype)
+            delta = ((x if x.dtype == A.dtype else x.to(A.dtype)) @ A) @ B.T
+            result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
         return result
 
     def _mixed_batch_forward(

@@ -218,3 +218,68 @@ def test_inference_reuses_the_delta_factors_until_a_factor_changes(pixels, tmp_p
     set_peft_model_state_dict(reloaded, load_file(tmp_path / "stepped" / "adapter_model.safetensors"))
     torch.testing.assert_close(output_of(reloaded, pixels), stepped)
     torch.testing.assert_close(output_of(model.to(torch.float64).to(torch.float32), pixels), stepped)
+
+
+def test_training_forward_keeps_the_frozen_half_until_its_buffers_change(pixels):
+    """The frozen half of B (-U0 diag(s0)) is made once, not in every forward; a load into the buffers (in place or
+    by replacing them) or a dtype move makes it anew, so a forward with autograd always equals a fresh model's."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def grad_forward(model, x=pixels):
+        with torch.enable_grad():
+            return model(pixel_values=x).logits.detach()
+
+    # An adapter whose frozen starting values differ from a fresh decomposition's.
+    state = get_peft_model_state_dict(get_peft_model(tiny_vit(seed=1), _config(init_weights=False)))
+    state = {k: v * 100 if k.endswith(".masm_s0") else v for k, v in state.items()}
+    never_run = get_peft_model(tiny_vit(seed=1), _config())
+    set_peft_model_state_dict(never_run, state)
+    expected = grad_forward(never_run)
+
+    model = get_peft_model(tiny_vit(seed=1), _config())
+    layer = _layers(model)[0]
+    before = grad_forward(model)
+    half = layer._frozen_half("default")
+    assert layer._frozen_half("default") is half  # kept, not rebuilt
+    torch.testing.assert_close(half, -layer.masm_U0["default"] * layer.masm_s0["default"])
+
+    # In place: the buffers keep their objects, their versions change.
+    set_peft_model_state_dict(model, state)
+    assert not torch.allclose(expected, before)
+    torch.testing.assert_close(grad_forward(model), expected)
+
+    # Replaced: loading with assign=True puts new tensors in the buffer dicts.
+    assigned = get_peft_model(tiny_vit(seed=1), _config())
+    grad_forward(assigned)
+    set_peft_model_state_dict(assigned, state, low_cpu_mem_usage=True)
+    torch.testing.assert_close(grad_forward(assigned), expected)
+
+    # Replaced by a tensor that happens to carry the old one's version count: told apart by identity.
+    old = layer.masm_s0["default"]
+    grad_forward(model)
+    successor = old * 3
+    while successor._version < old._version:
+        successor.mul_(1.0)
+    layer.masm_s0["default"] = successor
+    torch.testing.assert_close(layer._frozen_half("default"), -layer.masm_U0["default"] * successor)
+    layer.masm_s0["default"] = old
+
+    doubled = model.to(torch.float64)
+    out = grad_forward(doubled, pixels.double())
+    assert layer._frozen_half("default").dtype == torch.float64
+    torch.testing.assert_close(out, expected.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_deleting_an_adapter_drops_what_the_layer_kept_of_it(pixels):
+    model = get_peft_model(tiny_vit(), _config())
+    model.add_adapter("other", _config(init_weights=False))
+    model.set_adapter("other")
+    with torch.enable_grad():
+        model(pixel_values=pixels)
+    output_of(model, pixels)
+    layer = _layers(model)[0]
+    assert "other" in layer._masm_frozen_half and "other" in layer._masm_delta_cache
+    model.delete_adapter("other")
+    assert not any(
+        "other" in cache for cache in (layer._masm_rho, layer._masm_delta_cache, layer._masm_frozen_half)
+    )
