@@ -296,11 +296,16 @@ class MASMLayer(BaseTunerLayer):
         Without autograd (inference, ``torch.no_grad``) they are built once and reused until a trainable factor
         changes (an optimizer step, a load, a move to another device or dtype: each changes a tensor's version or
         storage); the frozen buffers change only where the factors are set (decomposition, loading, a device move
-        of the adapter), which drop the cache. The check is a few microseconds of Python per layer and forward, which
-        a host-bound forward (a GPU's at small batch) pays in full."""
+        of the adapter), which drop the cache. Inside ``torch.autocast`` they are kept in its dtype, cast once rather
+        than by the autocast of each forward's two products (the same rounding). The check is a few microseconds of
+        Python per layer and forward, which a host-bound forward (a GPU's at small batch) pays in full."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._build_delta_factors(adapter_name)
-        key = [self.singular_value_unit(adapter_name)]
+        V0 = self._frozen("masm_V0", adapter_name)
+        autocast = (
+            torch.get_autocast_dtype(V0.device.type) if torch.is_autocast_enabled(V0.device.type) else None
+        )
+        key = [self.singular_value_unit(adapter_name), autocast]
         for factor in ("masm_U", "masm_s", "masm_V"):
             for tensor in self._trainable(factor, adapter_name):
                 key += (tensor.data_ptr(), tensor._version)
@@ -308,6 +313,8 @@ class MASMLayer(BaseTunerLayer):
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         A, B = self._build_delta_factors(adapter_name)
+        if autocast is not None and A.dtype == torch.float32:
+            A, B = A.to(autocast), B.to(autocast)
         self._masm_delta_cache[adapter_name] = (key, A, B)
         return A, B
 

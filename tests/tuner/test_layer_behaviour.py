@@ -283,3 +283,21 @@ def test_deleting_an_adapter_drops_what_the_layer_kept_of_it(pixels):
     assert not any(
         "other" in cache for cache in (layer._masm_rho, layer._masm_delta_cache, layer._masm_frozen_half)
     )
+
+
+def test_inference_under_autocast_keeps_the_delta_factors_in_its_dtype(pixels):
+    """Inside torch.autocast, inference keeps (A, B) cast once to the autocast dtype: the same outputs as the
+    autograd path, whose products autocast casts at every forward; leaving autocast rebuilds them in float32."""
+    model = get_peft_model(tiny_vit(), _config(init_weights=False))
+    layer = _layers(model)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = output_of(model, pixels)
+        assert layer._masm_delta_cache["default"][1].dtype == torch.bfloat16
+        assert output_of(model, pixels).equal(cached)  # reused
+        with torch.enable_grad():
+            expected = model(pixel_values=pixels).logits.detach()
+    torch.testing.assert_close(cached, expected, atol=0, rtol=0)
+    full = output_of(model, pixels)
+    assert layer._masm_delta_cache["default"][1].dtype == torch.float32
+    with torch.enable_grad():
+        torch.testing.assert_close(full, model(pixel_values=pixels).logits.detach())
