@@ -340,7 +340,7 @@ class MASMLayer(BaseTunerLayer):
             or cached[1] != U0._version
             or cached[3] != s0._version
         ):
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, also when made in inference
                 half = -U0 * s0
             cached = self._masm_frozen_half[adapter_name] = (U0, U0._version, s0, s0._version, half)
         return cached[4]

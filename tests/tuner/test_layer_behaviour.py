@@ -238,8 +238,11 @@ def test_training_forward_keeps_the_frozen_half_until_its_buffers_change(pixels)
 
     model = get_peft_model(tiny_vit(seed=1), _config())
     layer = _layers(model)[0]
+    with torch.inference_mode():  # made here first, it must still serve the training forward below
+        model(pixel_values=pixels)
     before = grad_forward(model)
     half = layer._frozen_half("default")
+    assert not half.is_inference()
     assert layer._frozen_half("default") is half  # kept, not rebuilt
     torch.testing.assert_close(half, -layer.masm_U0["default"] * layer.masm_s0["default"])
 
