@@ -346,9 +346,11 @@ class MASMLayer(BaseTunerLayer):
         return cached[4]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense weight change of ``adapter_name`` (for merging and LoRA export only)."""
-        A, B = self.delta_factors(adapter_name)
-        return (B @ A.T).to(self.get_base_layer().weight.dtype)
+        """The dense weight change of ``adapter_name`` (for merging and LoRA export only), in float32 arithmetic
+        also inside ``torch.autocast``."""
+        with torch.autocast(self._frozen("masm_V0", adapter_name).device.type, enabled=False):
+            A, B = self.delta_factors(adapter_name)
+            return (B @ A.T).to(self.get_base_layer().weight.dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # Delta has rank <= 2*K*k, so PEFT's `save_as_lora(..., rank=2*K*k)` is exact.

@@ -304,3 +304,14 @@ def test_inference_under_autocast_keeps_the_delta_factors_in_its_dtype(pixels):
     assert layer._masm_delta_cache["default"][1].dtype == torch.float32
     with torch.enable_grad():
         torch.testing.assert_close(full, model(pixel_values=pixels).logits.detach())
+
+
+def test_merging_inside_autocast_uses_the_float32_delta():
+    """A merge (or LoRA export) inside torch.autocast computes the dense delta in float32, as outside it."""
+    model = get_peft_model(tiny_vit(), _config(init_weights=False))
+    layer = _layers(model)[0]
+    expected = layer.get_delta_weight("default")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = layer.get_delta_weight("default")
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, expected, atol=0, rtol=0)
