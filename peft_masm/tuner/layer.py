@@ -281,7 +281,7 @@ class MASMLayer(BaseTunerLayer):
         return U, s, V
 
     # The forward reads these for every layer and step: straight from the module dicts, not through
-    # nn.Module.__getattr__ (~1 us each, a few dozen per layer and step on a host-bound accelerator).
+    # nn.Module.__getattr__ (a Python fallback after a failed attribute look-up, a few dozen per layer and step).
     def _trainable(self, factor: str, adapter_name: str) -> list[torch.Tensor]:
         """The tensors of trainable factor ``factor`` (``"masm_U"``, ``"masm_s"``, ``"masm_V"``) of an adapter."""
         return list(self._modules[factor]._modules[adapter_name]._parameters.values())
