@@ -36,6 +36,16 @@ from .decomposition import MinorTriplets, fingerprint_deviation, weight_fingerpr
 _FACTOR_AXES = (("masm_U", 1), ("masm_s", 0), ("masm_V", 1))
 
 
+class _FrozenHalf(NamedTuple):
+    """``-U0 diag(s0)`` of one adapter (``value``) and the buffers, and their versions, it was made from."""
+
+    U0: torch.Tensor
+    U0_version: int
+    s0: torch.Tensor
+    s0_version: int
+    value: torch.Tensor
+
+
 class BaseModelMismatchError(ValueError):
     """Raised when an adapter is loaded onto a base model other than the one it was trained on."""
 
@@ -85,7 +95,7 @@ class MASMLayer(BaseTunerLayer):
         # (A, B) of the delta per adapter for forwards without autograd, with the storage/version key it was built at
         self._masm_delta_cache: dict[str, tuple[list, torch.Tensor, torch.Tensor]] = {}
         # -U0 diag(s0), the frozen half of B, per adapter, with the (U0, s0) tensors and versions it was made from
-        self._masm_frozen_half: dict[str, tuple[torch.Tensor, int, torch.Tensor, int, torch.Tensor]] = {}
+        self._masm_frozen_half: dict[str, _FrozenHalf] = {}
         # per-layer scales of a stack led by this layer, as device tensors, by their values (see _layer_values)
         self._masm_stack_values: dict[tuple, torch.Tensor] = {}
         self.masm_pending: dict[str, bool] = {}
@@ -332,18 +342,13 @@ class MASMLayer(BaseTunerLayer):
         U0, s0 = self._frozen("masm_U0", adapter_name), self._frozen("masm_s0", adapter_name)
         if torch.compiler.is_compiling():
             return -U0 * s0
-        cached = self._masm_frozen_half.get(adapter_name)
-        if (
-            cached is None
-            or cached[0] is not U0
-            or cached[2] is not s0
-            or cached[1] != U0._version
-            or cached[3] != s0._version
-        ):
+        kept = self._masm_frozen_half.get(adapter_name)
+        stale = kept is None or kept.U0 is not U0 or kept.s0 is not s0  # identity: never a tensor comparison
+        if stale or kept.U0_version != U0._version or kept.s0_version != s0._version:
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, also when made in inference
                 half = -U0 * s0
-            cached = self._masm_frozen_half[adapter_name] = (U0, U0._version, s0, s0._version, half)
-        return cached[4]
+            kept = self._masm_frozen_half[adapter_name] = _FrozenHalf(U0, U0._version, s0, s0._version, half)
+        return kept.value
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense weight change of ``adapter_name`` (for merging and LoRA export only), in float32 arithmetic
@@ -533,9 +538,9 @@ def stacked_regularization_terms(layers: Sequence[MASMLayer], adapter_name: str)
         stack.U,
         stack.s,
         stack.V,
-        torch.stack([layer.masm_U0[adapter_name] for layer in layers]),
+        torch.stack([layer._frozen("masm_U0", adapter_name) for layer in layers]),
         stack.s0,
-        torch.stack([layer.masm_V0[adapter_name] for layer in layers]),
+        torch.stack([layer._frozen("masm_V0", adapter_name) for layer in layers]),
         energy,
         rank,
         first.masm_subspace_rank[adapter_name],
