@@ -8,11 +8,35 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-__all__ = ["DataError", "LoadReport", "read_image", "to_rgb_uint8", "check_on_error"]
+__all__ = [
+    "MIN_IMAGE_SIZE",
+    "DataError",
+    "UnusableFileError",
+    "LoadReport",
+    "check_image_size",
+    "probe_image",
+    "read_image",
+    "to_rgb_uint8",
+    "check_on_error",
+]
+
+#: Smallest usable image side in pixels: below it there is no face to crop or score (training and masm-detect).
+MIN_IMAGE_SIZE = 16
 
 
 class DataError(ValueError):
     """Bad input data: the message names the file and the problem."""
+
+
+class UnusableFileError(DataError):
+    """One listed file cannot be used (missing, unreadable, too small); skipping it is an option.
+
+    ``path`` and ``problem`` are kept apart so that a caller can name its own way to skip such files.
+    """
+
+    def __init__(self, path: str, problem: str, hint: str = "") -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}{hint}")
 
 
 @dataclass
@@ -96,3 +120,38 @@ def read_image(path: str | os.PathLike, draft: tuple[int, int] | None = None) ->
         raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise DataError(f"{p}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def check_image_size(width: int, height: int, name: str) -> None:
+    """Raise :class:`UnusableFileError` when a side is below :data:`MIN_IMAGE_SIZE`."""
+    if min(width, height) < MIN_IMAGE_SIZE:
+        raise UnusableFileError(
+            name,
+            f"image is {width}x{height} px, below the minimum usable size of "
+            f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} px",
+        )
+
+
+def probe_image(path: str | os.PathLike) -> tuple[int, int]:
+    """Check that an image file is usable without decoding it in full; return its ``(width, height)``.
+
+    The header gives format and size; a PNG's chunks are then checked (CRCs, through the end, no
+    pixel decode), a JPEG is decoded at 1/8 scale (finds truncation) and other formats are decoded.
+    Raises :class:`UnusableFileError` for a missing, unreadable, truncated or too small file.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise UnusableFileError(p, "file not found")
+    try:
+        with Image.open(p) as img:
+            size = img.size
+            if img.format == "PNG":
+                img.verify()
+            else:
+                if img.format == "JPEG":
+                    img.draft("RGB", (MIN_IMAGE_SIZE, MIN_IMAGE_SIZE))
+                img.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise UnusableFileError(p, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+    check_image_size(*size, p)
+    return size

@@ -21,7 +21,15 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from .io import DataError, LoadReport, check_on_error, read_image
+from .io import (
+    DataError,
+    LoadReport,
+    UnusableFileError,
+    check_image_size,
+    check_on_error,
+    probe_image,
+    read_image,
+)
 from .video import evenly_spaced_indices, read_video_frame, video_frame_count
 
 __all__ = [
@@ -39,6 +47,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 _DEFAULT_LABELS = {"real": 0, "fake": 1, "0": 0, "1": 1}
 _COMPRESSIONS = {"raw", "c23", "c40"}
+_SHOWN_REASONS = 10  # skipped files named in the warning; LoadReport.reasons keeps the rest
 
 
 def natural_key(s: str) -> list[Any]:
@@ -60,6 +69,7 @@ class DecodeRows:
 
     def decode_one(self, path: str, frame: int) -> Image.Image:
         arr = read_video_frame(path, frame) if frame >= 0 else read_image(path)
+        check_image_size(arr.shape[1], arr.shape[0], path if frame < 0 else f"{path} frame {frame}")
         return Image.fromarray(arr)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
@@ -106,19 +116,27 @@ def _finish(
     what: str,
     validate: bool | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Check files exist (and, when skipping, that images decode), then build the lazy dataset."""
+    """Check every listed file, then build the lazy dataset.
+
+    Images are checked by :func:`probe_image` (a fast pass: headers, sizes, truncation), so that a
+    missing, unreadable or too small one is found here, before any training step: it raises
+    :class:`UnusableFileError` naming the file and ``on_error="skip"`` (``"raise"``), or is skipped,
+    counted in ``report`` and listed in a warning (``"skip"``). Streaming datasets check that files
+    exist and decode (and skip) as they go.
+    """
     report = report if report is not None else LoadReport()
-    validate = (on_error == "skip" and not streaming) if validate is None else validate
+    validate = not streaming if validate is None else validate
     kept = []
     for r in rows:
         try:
             if not os.path.exists(r["path"]):
-                raise DataError(f"{r['path']}: file not found (listed by {what})")
+                raise UnusableFileError(r["path"], f"file not found (listed by {what})")
             if validate and r["frame"] < 0:
-                read_image(r["path"], draft=(64, 64))
-        except DataError as exc:
+                probe_image(r["path"])
+        except UnusableFileError as exc:
             if on_error == "raise":
-                raise
+                hint = "; replace or remove it, or pass on_error='skip' to skip unusable files"
+                raise UnusableFileError(exc.path, exc.problem, hint) from None
             report.skip(str(exc))
             continue
         kept.append(r)
@@ -126,7 +144,12 @@ def _finish(
         raise DataError(f"{what}: no usable samples ({report.skipped} skipped: {report.reasons[:3]})")
     report.loaded = len(kept)
     if report.skipped:
-        warnings.warn(f"{what}: {report.summary()}; first reasons: {report.reasons[:3]}", stacklevel=3)
+        shown = report.reasons[:_SHOWN_REASONS]
+        more = report.skipped - len(shown)
+        tail = f"; and {more} more (LoadReport.reasons)" if more > 0 else ""
+        warnings.warn(
+            f"{what}: {report.summary()} (on_error='skip'); skipped: {'; '.join(shown)}{tail}", stacklevel=3
+        )
     ds = datasets.Dataset.from_list(kept)
     decode = DecodeRows(on_error=on_error, report=report)
     if streaming:

@@ -26,6 +26,7 @@ from ..data import (
     split_by_identity,
     with_image_processor,
 )
+from ..data.io import UnusableFileError
 from .config import ConfigError, TestSetConfig, TrainConfig
 
 __all__ = ["RecipeData", "build_data", "labels_of", "load_test_set"]
@@ -75,6 +76,17 @@ def _split_groups(ds: datasets.Dataset, key: str, fraction: float, seed: int) ->
 
 
 def _load(kind: str, path: str, split: str | None, cfg: Any, on_error: str) -> datasets.Dataset:
+    """One dataset, every listed image checked as it is built (``peft_masm.data.loaders``), not at a step."""
+    try:
+        return _load_kind(kind, path, split, cfg, on_error)
+    except UnusableFileError as err:
+        raise DataError(
+            f"{err.path}: {err.problem}; replace or remove it, or set on_error: skip "
+            "(--on_error skip) to skip unusable files and list them"
+        ) from None
+
+
+def _load_kind(kind: str, path: str, split: str | None, cfg: Any, on_error: str) -> datasets.Dataset:
     if kind == "deepfakebench":
         return load_deepfakebench(
             path,

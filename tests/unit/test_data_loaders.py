@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from peft_masm.data.io import DataError, LoadReport, read_image
+from peft_masm.data.io import MIN_IMAGE_SIZE, DataError, LoadReport, probe_image, read_image
 from peft_masm.data.loaders import load_deepfakebench, load_folder, load_manifest, load_videos, natural_key
 from peft_masm.data.processing import with_image_processor
 
@@ -231,17 +231,71 @@ def test_bad_images_raise_or_skip(tmp_path):
     with pytest.warns(UserWarning, match="skipped 2"):
         ds = load_manifest(tmp_path / "m.csv", on_error="skip", report=report)
     assert len(ds) == 1 and report.skipped == 2 and report.loaded == 1
-    lazy = load_folder(tmp_path)  # raise mode: lazy decode names the file
-    idx = lazy.with_format(None)["path"].index(  # raw columns: no decoding
-        str(tmp_path / "fake/corrupt.png")
-    )
-    with pytest.raises(DataError, match="corrupt.png: cannot decode"):
-        lazy[idx]
+    # raise mode: found while the dataset is built (not when a training step decodes it), option named
+    with pytest.raises(DataError, match=r"(corrupt\.png|trunc\.jpg): cannot decode.*on_error='skip'") as info:
+        load_folder(tmp_path)
+    assert "\n" not in str(info.value)
     report = LoadReport()
     with pytest.warns(UserWarning):
         ok = load_folder(tmp_path, on_error="skip", report=report)
     assert len(ok) == 1 and report.skipped == 2
     assert [ok[i]["image"].size for i in range(len(ok))] == [(40, 32)]
+
+
+def test_probe_image_finds_unusable_files_without_a_full_decode(tmp_path):
+    good = _img(tmp_path / "good.jpg", size=(40, 30))
+    assert probe_image(good) == (30, 40)
+    (tmp_path / "text.png").write_text("a text file named .png")
+    png = _img(tmp_path / "cut.png", size=(64, 64))
+    png.write_bytes(png.read_bytes()[:-40])
+    rng = np.random.default_rng(0)
+    jpg = tmp_path / "cut.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg)
+    jpg.write_bytes(jpg.read_bytes()[:-200])
+    _img(tmp_path / "dot.png", size=(1, 1))
+    _img(tmp_path / "strip.png", size=(MIN_IMAGE_SIZE - 1, 200))
+    expected = {
+        "text.png": "cannot decode image",
+        "cut.png": "cannot decode image",
+        "cut.jpg": "truncated",
+        "dot.png": f"1x1 px, below the minimum usable size of {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} px",
+        "strip.png": f"200x{MIN_IMAGE_SIZE - 1} px",
+        "missing.png": "file not found",
+    }
+    for name, problem in expected.items():
+        with pytest.raises(DataError, match=problem) as info:
+            probe_image(tmp_path / name)
+        assert str(info.value).startswith(str(tmp_path / name)), name
+    _img(tmp_path / "smallest.png", size=(MIN_IMAGE_SIZE, MIN_IMAGE_SIZE))
+    assert probe_image(tmp_path / "smallest.png") == (MIN_IMAGE_SIZE, MIN_IMAGE_SIZE)
+
+
+def test_tiny_images_are_refused_or_skipped_with_a_reason(tmp_path):
+    _img(tmp_path / "real/a.png")
+    _img(tmp_path / "fake/b.png")
+    _img(tmp_path / "fake/dot.png", size=(1, 1))
+    with pytest.raises(DataError, match=r"dot\.png: image is 1x1 px.*on_error='skip'"):
+        load_folder(tmp_path)
+    report = LoadReport()
+    with pytest.warns(UserWarning, match=r"skipped 1,.*dot\.png: image is 1x1 px"):
+        ds = load_folder(tmp_path, on_error="skip", report=report)
+    assert len(ds) == 2 and report.skipped == 1
+    report = LoadReport()  # streaming decodes as it goes: the tiny image is dropped there
+    rows = list(load_folder(tmp_path, streaming=True, on_error="skip", report=report))
+    assert len(rows) == 2 and report.skipped == 1 and "1x1 px" in report.reasons[0]
+
+
+def test_skip_warning_names_the_first_files_and_counts_the_rest(tmp_path):
+    _img(tmp_path / "real/a.png")
+    _img(tmp_path / "fake/b.png")
+    for i in range(12):
+        (tmp_path / f"fake/bad_{i:02d}.png").write_text("not an image")
+    report = LoadReport()
+    with pytest.warns(UserWarning) as record:
+        load_folder(tmp_path, on_error="skip", report=report)
+    (message,) = [str(w.message) for w in record]
+    assert "skipped 12" in message and "and 2 more (LoadReport.reasons)" in message
+    assert "bad_09.png" in message and "bad_10.png" not in message and len(report.reasons) == 12
 
 
 def test_odd_image_modes(tmp_path):
@@ -268,7 +322,7 @@ def test_videos_unreadable_and_short(tmp_path):
 
 
 def test_streaming_and_image_processor(tmp_path):
-    _img(tmp_path / "real/a.png", size=(10, 12))  # smaller than the model input
+    _img(tmp_path / "real/a.png", size=(20, 24))  # smaller than the model input
     _img(tmp_path / "fake/b.png", size=(300, 200), mode="L")
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     ds = with_image_processor(load_folder(tmp_path), proc)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
-from peft_masm.recipe import data as recipe_data
-from peft_masm.recipe.config import ConfigError, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from recipe_fixtures import make_image_folder  # noqa: E402
+
+from peft_masm.recipe import data as recipe_data  # noqa: E402
+from peft_masm.recipe.config import ConfigError, load_config  # noqa: E402
 
 
 def _corpus(**_: object) -> datasets.Dataset:
@@ -85,3 +92,39 @@ def test_bad_family_choices_are_rejected(cfg_args):
         recipe_data.build_data(load_config(None, [*cfg_args, "--train_families", "sbx"]), _Processor())
     with pytest.raises(ConfigError, match="in both train_families and test_families"):
         recipe_data.build_data(load_config(None, [*cfg_args, "--test_families", "sbi"]), _Processor())
+
+
+def _folder_with_bad_files(root):
+    """A folder dataset whose training split holds a text file named .png, a truncated JPEG and a 1x1 PNG."""
+    make_image_folder(root, {"train": 4, "val": 2})
+    (root / "train/real/notes.png").write_text("not an image")
+    jpg = root / "train/fake/cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg)
+    jpg.write_bytes(jpg.read_bytes()[:-200])
+    Image.new("RGB", (1, 1), (120, 80, 60)).save(root / "train/fake/dot.png")
+    return root
+
+
+@pytest.mark.parametrize("bad", ["notes.png", "cut.jpg", "dot.png"])
+def test_unusable_training_file_is_refused_when_the_data_is_built(tmp_path, bad):
+    root = _folder_with_bad_files(tmp_path / "data")
+    others = {"notes.png", "cut.jpg", "dot.png"} - {bad}
+    for name in others:
+        next(root.rglob(name)).unlink()
+    cfg = load_config(None, ["--data", "folder", "--train_path", str(root)])
+    with pytest.raises(recipe_data.DataError) as info:
+        recipe_data.build_data(cfg, _Processor())
+    msg = str(info.value)
+    assert bad in msg and "on_error: skip" in msg and "\n" not in msg
+    problem = {"notes.png": "cannot decode", "cut.jpg": "truncated", "dot.png": "1x1 px, below the minimum"}
+    assert problem[bad] in msg
+
+
+def test_on_error_skip_lists_the_skipped_training_files(tmp_path):
+    root = _folder_with_bad_files(tmp_path / "data")
+    cfg = load_config(None, ["--data", "folder", "--train_path", str(root), "--on_error", "skip"])
+    with pytest.warns(UserWarning, match=r"skipped 3") as record:
+        data = recipe_data.build_data(cfg, _Processor())
+    text = " ".join(str(w.message) for w in record)
+    assert all(name in text for name in ("notes.png", "cut.jpg", "dot.png")) and str(root / "train") in text
+    assert len(data.train) == 8 and data.train[0]["pixel_values"].shape == (3, 32, 32)
