@@ -597,9 +597,15 @@ class Linear(nn.Module, MASMLayer):
     def _check_saved_shape(self, state_dict, prefix: str, adapter_name: str) -> None:
         """Name the config field when the saved factors have another K or k than the adapter's config."""
         num, rank = self.masm_num_subspaces[adapter_name], self.masm_subspace_rank[adapter_name]
-        saved_num = sum(1 for key in state_dict if key.startswith(f"{prefix}masm_s.{adapter_name}."))
         first = state_dict.get(f"{prefix}masm_s.{adapter_name}.0")
         saved_rank = int(first.shape[0]) if first is not None else rank
+        # K from the saved s0 (K*k values), not from counting masm_s keys: PEFT puts the adapter name only into
+        # the keys this model has, so with fewer subspaces than saved the extra keys keep their saved form.
+        s0 = state_dict.get(f"{prefix}masm_s0.{adapter_name}")
+        if s0 is not None and s0.ndim == 1 and saved_rank > 0:
+            saved_num = int(s0.shape[0]) // saved_rank
+        else:
+            saved_num = sum(1 for key in state_dict if key.startswith(f"{prefix}masm_s.{adapter_name}."))
         if (saved_num, saved_rank) == (num, rank):
             return
         fields = [

@@ -128,20 +128,31 @@ def test_truncated_weights_name_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field, value, message",
+    "edits, message",
     [
-        ("num_subspaces", 3, r"num_subspaces=3 \(the saved weights have 2\)"),
-        ("subspace_rank", 1, r"subspace_rank=1 \(the saved weights have 2\)"),
+        ({"num_subspaces": 3}, r"has num_subspaces=3 \(the saved weights have 2\); set"),
+        # lowered: PEFT renames only the keys the smaller model has, so K is read from the saved s0 (issue 26)
+        ({"num_subspaces": 1}, r"has num_subspaces=1 \(the saved weights have 2\); set"),
+        ({"subspace_rank": 1}, r"has subspace_rank=1 \(the saved weights have 2\); set"),
+        ({"subspace_rank": 3}, r"has subspace_rank=3 \(the saved weights have 2\); set"),
+        (
+            {"num_subspaces": 1, "subspace_rank": 4},  # the same K*k: only the field names tell
+            r"num_subspaces=1 \(the saved weights have 2\) and subspace_rank=4 \(the saved weights have 2\)",
+        ),
     ],
+    ids=["K-raised", "K-lowered", "k-lowered", "k-raised", "K-and-k"],
 )
-def test_shape_fields_that_disagree_with_the_weights_are_named(tmp_path, field, value, message):
-    folder = _saved_adapter(tmp_path)
-    config_path = folder / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config[field] = value
-    config_path.write_text(json.dumps(config))
+@pytest.mark.parametrize("per_subspace", [False, True], ids=["one-tensor", "per-subspace"])
+def test_shape_fields_that_disagree_with_the_weights_are_named(tmp_path, edits, message, per_subspace):
+    layout = {"layer_mask": "dynamic", "mask_granularity": "subspace"} if per_subspace else {}
+    model = get_peft_model(_vit(), MASMConfig(num_subspaces=2, subspace_rank=2, init_weights=False, **layout))
+    q_proj = model.base_model.model.vit.layers[0].attention.q_proj
+    assert len(q_proj.masm_s["default"]) == (2 if per_subspace else 1)  # the layout this case is about
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | edits))
     with pytest.raises(ValueError, match=message):
-        PeftModel.from_pretrained(_vit(), folder)
+        PeftModel.from_pretrained(_vit(), tmp_path)
 
 
 def test_adapter_from_a_newer_version_says_what_to_install(tmp_path):
