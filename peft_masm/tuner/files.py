@@ -10,10 +10,28 @@ from typing import Any
 from huggingface_hub import try_to_load_from_cache
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's older format, which it still loads
+CONFIG_NAME = "adapter_config.json"
 
 
 class IncompleteAdapterFileError(ValueError):
     """An adapter weight file is shorter than its own header says (an interrupted save or download)."""
+
+
+class AdapterWeightsNotFoundError(FileNotFoundError):
+    """A local adapter folder holds ``adapter_config.json`` but no weight file beside it."""
+
+
+def missing_weights_message(folder: str | os.PathLike) -> str:
+    """The one-line error for an adapter folder without its weight file, listing what the folder holds."""
+    folder = os.path.normpath(os.fspath(folder))
+    names = sorted(os.listdir(folder))
+    held = ", ".join(names[:8]) + (f", ... ({len(names)} files)" if len(names) > 8 else "")
+    return (
+        f"The adapter folder {folder} has no {WEIGHTS_NAME} (it holds: {held}): the adapter's weights were not saved "
+        f"there or not copied with its config; copy {WEIGHTS_NAME} into that folder, or save the adapter again "
+        "(peft_model.save_pretrained)."
+    )
 
 
 def check_safetensors_complete(path: str | os.PathLike) -> None:
@@ -50,12 +68,18 @@ def check_adapter_weights_complete(
 ) -> None:
     """Check the adapter weights in a local ``folder``, or in the Hub cache for ``repo_id`` when already downloaded.
 
-    Files not on disk yet are left to the download, which checks them itself.
+    A local folder whose config has no weight file beside it raises :class:`AdapterWeightsNotFoundError` (PEFT
+    would take the folder for a Hub id and fail on that instead). Files not on disk yet are left to the download,
+    which checks them itself.
     """
     local = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(local):
         check_safetensors_complete(local)
         return
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) and not os.path.isfile(
+        os.path.join(folder, PICKLE_WEIGHTS_NAME)
+    ):
+        raise AdapterWeightsNotFoundError(missing_weights_message(folder))
     if repo_id is None or os.path.isdir(repo_id):
         return
     filename = f"{subfolder}/{WEIGHTS_NAME}" if subfolder else WEIGHTS_NAME

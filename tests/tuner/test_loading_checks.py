@@ -127,6 +127,36 @@ def test_truncated_weights_name_the_file(tmp_path):
         PeftModel.from_pretrained(_vit(), folder)
 
 
+@pytest.mark.parametrize("form", ["absolute", "path", "relative"])
+def test_a_folder_without_its_weights_names_the_missing_file(tmp_path, monkeypatch, form):
+    """Issue 26: was HFValidationError about repo ids (absolute path), or, offline, LocalEntryNotFoundError
+    about disabled outgoing traffic (a relative name, which is also a valid Hub id)."""
+    import huggingface_hub.constants
+
+    folder = _saved_adapter(tmp_path / "adapter")
+    (folder / "adapter_model.safetensors").unlink()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network, fixed or not
+    monkeypatch.chdir(tmp_path)
+    where = {"absolute": str(folder), "path": folder, "relative": "adapter"}[form]
+    with pytest.raises(FileNotFoundError) as info:
+        PeftModel.from_pretrained(_vit(), where)
+    message = str(info.value)
+    assert isinstance(info.value, peft_masm.tuner.files.AdapterWeightsNotFoundError)
+    assert "has no adapter_model.safetensors (it holds: README.md, adapter_config.json)" in message
+    assert f"The adapter folder {'adapter' if form == 'relative' else folder} has no" in message
+    assert "copy adapter_model.safetensors into that folder, or save the adapter again" in message
+
+
+def test_an_adapter_saved_in_peft_s_pickle_format_still_loads(tmp_path, pixels):
+    model = get_peft_model(_vit(), MASMConfig(num_subspaces=2, subspace_rank=2, init_weights=False)).eval()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(_vit(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
 @pytest.mark.parametrize(
     "edits, message",
     [
