@@ -5,8 +5,10 @@
 
 Faces are found and cropped as in training (``peft_masm.data.faces``: largest face, 1.3 margin,
 5-point alignment); a video's score is the mean over evenly spaced frames. A frame in which no face is
-found is scored whole, and its line says so. A file that cannot be read is reported on its own line
-(``error`` in ``--json``); the others are still scored, and the exit status is 1.
+found is scored whole, and its line says so. A file that cannot be read, or an image (video) smaller than
+``MIN_IMAGE_SIZE`` px a side, is reported on its own line (``error`` in ``--json``); the others are still
+scored, and the exit status is 1. Files in a given folder that are not images or videos (by extension)
+are listed on stderr as skipped.
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "detect", "collect_inputs"]
+__all__ = ["main", "detect", "collect_inputs", "scan_inputs"]
 
 
-def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
-    """``(path, "image" | "video")`` for every file given or found (recursively) in a given folder."""
+def _not_media() -> str:
+    from .data.loaders import IMAGE_EXTS, VIDEO_EXTS
+
+    return (
+        f"not an image or video file (by its extension: images {' '.join(sorted(IMAGE_EXTS))}, "
+        f"videos {' '.join(sorted(VIDEO_EXTS))})"
+    )
+
+
+def scan_inputs(inputs: list[str]) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """``(inputs, skipped)``: ``(path, "image" | "video")`` for every file given or found (recursively)
+    in a given folder, and ``(path, reason)`` for each file a folder holds that is neither.
+    """
     from .data.loaders import IMAGE_EXTS, VIDEO_EXTS, natural_key
 
     def kind(p: Path) -> str | None:
@@ -36,23 +49,31 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
         return "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else None
 
     out: list[tuple[Path, str]] = []
+    skipped: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files = sorted(
-                (f for f in p.rglob("*") if f.is_file() and kind(f)), key=lambda f: natural_key(str(f))
-            )
+            found = sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: natural_key(str(f)))
+            files = [f for f in found if kind(f)]
+            others = [f for f in found if not kind(f)]
             if not files:
-                raise FileNotFoundError(f"{p}: no images or videos in this folder")
+                held = f" (it holds {len(others)} other files, e.g. {others[0].name})" if others else ""
+                raise FileNotFoundError(f"{p}: no images or videos in this folder{held}")
             out += [(f, str(kind(f))) for f in files]
+            skipped += [(f, _not_media()) for f in others]
         elif p.is_file():
             k = kind(p)
             if k is None:
-                raise ValueError(f"{p}: not an image or video file (by its extension)")
+                raise ValueError(f"{p}: {_not_media()}")
             out.append((p, k))
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
-    return out
+    return out, skipped
+
+
+def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
+    """``(path, "image" | "video")`` for every file given or found (recursively) in a given folder."""
+    return scan_inputs(inputs)[0]
 
 
 def _face_fn(
@@ -122,10 +143,13 @@ def _quiet_head_report(folder: Path) -> Iterator[None]:
 def _score_one(
     path: Path, kind: str, frames: int, crop: Callable, face_detection: bool, score: Callable
 ) -> dict[str, Any]:
-    from .data.io import read_image
+    from .data.io import check_image_size, read_image
     from .data.video import read_video_frames
 
     frames_rgb = [read_image(path)] if kind == "image" else [f for _, f in read_video_frames(path, frames)]
+    if frames_rgb:  # a video's frames share one size
+        height, width = frames_rgb[0].shape[:2]
+        check_image_size(width, height, str(path), "image" if kind == "image" else "frame")
     crops, found = zip(*(crop(f) for f in frames_rgb))
     n_found = int(sum(found))
     warning = None
@@ -197,6 +221,29 @@ def detect(
     return results
 
 
+def _probability(text: str) -> float:
+    """argparse type: a number in [0, 1] (a threshold on p(fake))."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (a probability), got {text!r}")
+    return value
+
+
+_SHOWN_SKIPPED = 20  # skipped files named one per line on stderr; the rest are counted
+
+
+def _print_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """One stderr line per file a folder held that is not scored (the first few), then the count of the rest."""
+    for path, reason in skipped[:_SHOWN_SKIPPED]:
+        print(f"masm-detect: skipped {path}: {reason}", file=sys.stderr)
+    if len(skipped) > _SHOWN_SKIPPED:
+        more = len(skipped) - _SHOWN_SKIPPED
+        print(f"masm-detect: skipped {more} more files (not images or videos)", file=sys.stderr)
+
+
 def _table(results: list[dict[str, Any]], threshold: float) -> str:
     width = max([len(r["path"]) for r in results] + [4])
     lines = [f"{'path':<{width}}  type   frames  faces  p(fake)  verdict"]
@@ -226,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="override the face detector used in training ('none': score the whole image)",
     )
-    parser.add_argument("--threshold", type=float, default=0.5, help="verdict threshold on p(fake)")
+    parser.add_argument(
+        "--threshold", type=_probability, default=0.5, help="verdict threshold on p(fake), in [0, 1]"
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, videos or folders")
     args = parser.parse_args(argv)
     if args.frames < 1:
@@ -238,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     from .tuner import BaseModelMismatchError
 
     try:
-        results = detect(args.adapter, args.inputs, frames=args.frames, face_detector=args.face_detector)
+        items, skipped = scan_inputs(args.inputs)
+        _print_skipped(skipped)
+        files = [str(path) for path, _ in items]
+        results = detect(args.adapter, files, frames=args.frames, face_detector=args.face_detector)
     except (
         FileNotFoundError,
         ValueError,

@@ -122,12 +122,12 @@ def read_image(path: str | os.PathLike, draft: tuple[int, int] | None = None) ->
         raise DataError(f"{p}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
-def check_image_size(width: int, height: int, name: str) -> None:
-    """Raise :class:`UnusableFileError` when a side is below :data:`MIN_IMAGE_SIZE`."""
+def check_image_size(width: int, height: int, name: str, what: str = "image") -> None:
+    """Raise :class:`UnusableFileError` when a side of ``what`` (image, frame) is below :data:`MIN_IMAGE_SIZE`."""
     if min(width, height) < MIN_IMAGE_SIZE:
         raise UnusableFileError(
             name,
-            f"image is {width}x{height} px, below the minimum usable size of "
+            f"{what} is {width}x{height} px, below the minimum usable size of "
             f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} px",
         )
 

@@ -69,7 +69,7 @@ class DecodeRows:
 
     def decode_one(self, path: str, frame: int) -> Image.Image:
         arr = read_video_frame(path, frame) if frame >= 0 else read_image(path)
-        check_image_size(arr.shape[1], arr.shape[0], path if frame < 0 else f"{path} frame {frame}")
+        check_image_size(arr.shape[1], arr.shape[0], path, "image" if frame < 0 else f"frame {frame}")
         return Image.fromarray(arr)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
@@ -16,6 +17,7 @@ from recipe_fixtures import make_image_folder, save_tiny_clip  # noqa: E402
 
 from peft_masm import MASMConfig  # noqa: E402
 from peft_masm.cli import collect_inputs, main  # noqa: E402
+from peft_masm.data.io import MIN_IMAGE_SIZE  # noqa: E402
 from peft_masm.detector import build_detector  # noqa: E402
 
 
@@ -194,3 +196,58 @@ def test_only_the_expected_head_report_is_dropped():
     unexpected = head + "\nvision_model.extra | UNEXPECTED | "
     assert not _expected_head_report(unexpected, {"classifier"})
     assert not _expected_head_report("some other warning", {"classifier"})
+
+
+@pytest.mark.parametrize("value", ["2", "-0.1", "1.5", "nan", "high"])
+def test_threshold_outside_0_1_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--adapter", "unused", "--threshold", value, "photo.jpg"])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("masm-detect: error: argument --threshold:") and "between 0 and 1" in last
+    assert f"'{value}'" in last
+
+
+def test_threshold_bounds_are_accepted(adapter, tmp_path, capsys):
+    image = make_image_folder(tmp_path / "imgs", {"test": 1}) / "test" / "real" / "real_0.png"
+    for value, verdict in (("0", "fake"), ("1", "real")):
+        assert (
+            main(["--adapter", str(adapter), "--face-detector", "none", "--threshold", value, str(image)])
+            == 0
+        )
+        assert capsys.readouterr().out.splitlines()[1].split()[-1] == verdict
+
+
+def test_files_a_folder_holds_that_are_not_images_or_videos_are_listed(adapter, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "imgs", {"test": 1}) / "test"
+    Image.new("RGB", (32, 32)).save(data / "real" / "anim.gif")
+    (data / "notes.txt").write_text("hi")
+    assert main(["--adapter", str(adapter), "--face-detector", "none", "--json", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 2
+    skipped = [ln for ln in captured.err.splitlines() if ln.startswith("masm-detect: skipped")]
+    assert len(skipped) == 2, captured.err
+    by_name = {Path(ln.split()[2].rstrip(":")).name: ln for ln in skipped}
+    assert set(by_name) == {"anim.gif", "notes.txt"}
+    assert "not an image or video file" in by_name["anim.gif"] and ".png" in by_name["anim.gif"]
+    from peft_masm.cli import scan_inputs
+
+    items, left = scan_inputs([str(data)])
+    assert len(items) == 2 and sorted(p.name for p, _ in left) == ["anim.gif", "notes.txt"]
+
+
+def test_image_below_the_minimum_size_is_an_error_row(adapter, tmp_path, capsys):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (120, 80, 60)).save(tiny)
+    good = make_image_folder(tmp_path / "imgs", {"test": 1}) / "test" / "real" / "real_0.png"
+    args = ["--adapter", str(adapter), "--face-detector", "lbp", str(tiny), str(good)]
+    assert main([*args, "--json"]) == 1
+    tiny_row, good_row = json.loads(capsys.readouterr().out)
+    assert tiny_row["fake_probability"] is None and tiny_row["warning"] is None
+    assert (
+        f"1x1 px, below the minimum usable size of {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} px" in tiny_row["error"]
+    )
+    assert good_row["error"] is None and 0.0 <= good_row["fake_probability"] <= 1.0
+    assert main(args) == 1
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "error:" in line and "1x1 px" in line and not line.rstrip().endswith(("real", "fake"))
