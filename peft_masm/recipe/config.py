@@ -148,7 +148,10 @@ class TrainConfig:
     stop_after_step: int | None = _f(None, "Stop (as if interrupted) after this step's checkpoint.")
     metric_for_best: Literal["auc", "loss"] = _f("auc", "Validation metric that chooses the best adapter.")
     logging_steps: int = _f(10, "Log the training loss every N optimizer steps.")
-    report_to: list[str] = _f(["json"], "Trackers: json (metrics.jsonl), tensorboard, wandb, none.")
+    report_to: list[str] = _f(
+        ["json"],
+        "Trackers: json (metrics.jsonl), none, or any of accelerate's (tensorboard, wandb, ...) installed.",
+    )
     plot_mask: bool = _f(True, "Draw the layer-mask heatmap at the end (MASM with a mask).")
     # Hub
     push_to_hub: bool = _f(False, "Upload the adapter, model card and config at the end.")
@@ -180,6 +183,7 @@ class TrainConfig:
             )
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"image_size must be positive, got {self.image_size}.")
+        check_trackers(self.report_to)
         self.test_sets = [
             dataclasses.asdict(t) if isinstance(t, TestSetConfig) else t for t in self.test_sets
         ]
@@ -219,6 +223,35 @@ class TrainConfig:
     def run_identity(self) -> dict[str, Any]:
         """The fields that define what this run trains (everything but bookkeeping), for resume checks."""
         return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS}
+
+
+OWN_TRACKERS = ("json", "jsonl", "none")  # written by recipes/train.py itself, no package needed
+
+
+def check_trackers(names: list[str]) -> None:
+    """Raise :class:`ConfigError` for a ``report_to`` name accelerate does not know or whose package is missing.
+
+    accelerate itself only warns and drops a missing tracker, so a run would end without its logs.
+    """
+    unknown = [n for n in names if n not in OWN_TRACKERS]
+    if not unknown:
+        return
+    import accelerate.utils
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType]
+    for name in unknown:
+        if name not in known:
+            valid = [*OWN_TRACKERS, *known]
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"report_to: unknown tracker {name!r}.{hint} Known: {', '.join(valid)}.")
+        available = getattr(accelerate.utils, f"is_{name}_available", lambda: True)
+        if not available():
+            raise ConfigError(
+                f"report_to: {name} is not installed; `pip install {name}`, or log without it "
+                "(--report_to json)."
+            )
 
 
 def _build(cls: Any, fields: dict[str, Any], where: str) -> Any:
@@ -264,7 +297,15 @@ def _unknown(key: str, names: list[str], where: str) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """``{masm,lora}`` for a Literal (its allowed values), ``int | None``, ``list[str]``, ``float``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is list and args:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(origin or tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -415,9 +456,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML ({err}).") from err
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            raise ConfigError(
+                f"{p} is empty (or only comments): nothing says what to train. Start from a config in "
+                "recipes/configs/ (demo.yaml runs offline in minutes)."
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys to values.")
-        data = dict(loaded or {})
+        data = dict(loaded)
     for key, value in parse_overrides(list(overrides or [])).items():
         if isinstance(value, dict) and isinstance(data.get(key, {}), dict):
             merged = dict(data.get(key) or {})

@@ -105,3 +105,35 @@ def test_evaluate_detector_help_explains_every_option():
                  "evenly spaced frames per video", "bootstrap resamples", "scoring batch size",
                  "seed of the bootstrap", "(default: c23)"):  # fmt: skip
         assert text in " ".join(result.stdout.split()), text
+
+
+def test_an_empty_config_is_one_line_and_exit_2(tmp_path):
+    """Issue 26.2: an all-comment YAML used to start the default run (CLIP B/16, 10 epochs) silently."""
+    empty = tmp_path / "e.yaml"
+    empty.write_text("# to do: fill in\n")
+    result = _run("--config", str(empty), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {empty} is empty (or only comments): nothing says what to train. Start from a config in "
+        "recipes/configs/ (demo.yaml runs offline in minutes)."
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_refused_at_start(tmp_path):
+    """Issue 26.10: a missing tracker used to be dropped with a warning lost in the progress bar."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    missing = [t.value for t in LoggerType if t.value != "all" and t not in get_available_trackers()]
+    if not missing:
+        pytest.skip("every tracker accelerate knows is installed here")
+    name = "tensorboard" if "tensorboard" in missing else missing[0]
+    cfg = write_config(
+        tmp_path / "cfg.yaml", tmp_path / "no-backbone", tmp_path / "no-data", tmp_path / "out"
+    )
+    result = _run("--config", str(cfg), "--report_to", f"json,{name}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: report_to: {name} is not installed; `pip install {name}`, or log without it (--report_to json)."
+    ]

@@ -132,3 +132,51 @@ def test_presets_are_the_single_definition():
     assert (config.num_subspaces, config.subspace_rank, config.layer_mask) == (1, 1, "none")
     assert config.partition == "contiguous"  # the section overrides the preset
     assert masm_config("paper").layer_mask == PRESETS["paper"]["layer_mask"]
+
+
+@pytest.mark.parametrize(
+    "text", ["", "\n", "# only a comment\n# and another\n"], ids=["empty", "blank", "comments"]
+)
+def test_an_empty_or_all_comment_config_is_refused(tmp_path, text):
+    """Issue 26.2: an empty file used to start the default run (CLIP B/16, 10 epochs) without a word."""
+    with pytest.raises(ConfigError, match="is empty \\(or only comments\\)") as err:
+        load_config(_yaml(tmp_path, text))
+    assert "recipes/configs/" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_help_lists_the_allowed_values_of_every_choice():
+    """Issue 26.12: --help showed `Literal` without the values it allows."""
+    from peft_masm.recipe.config import format_help
+
+    text = format_help()
+    assert "Literal" not in text
+    assert "--method {masm,lora}\n" in text
+    assert "--lr_scheduler {constant,cosine,linear}\n" in text
+    assert "--train_families list[str]\n" in text and "--image_size int | None\n" in text
+
+
+def _accelerate_trackers() -> list[str]:
+    from accelerate.utils import LoggerType
+
+    return [t.value for t in LoggerType if t.value != "all"]
+
+
+@pytest.mark.parametrize("name", _accelerate_trackers())
+def test_a_tracker_that_is_not_installed_is_refused_with_its_package(monkeypatch, name):
+    """Issue 26.10: accelerate drops a missing tracker with a warning, and the run ends without its logs."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, f"is_{name}_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--report_to", f"json,{name}"])
+    assert str(err.value) == (
+        f"report_to: {name} is not installed; `pip install {name}`, or log without it (--report_to json)."
+    )
+    monkeypatch.setattr(accelerate.utils, f"is_{name}_available", lambda: True)
+    assert load_config(None, ["--report_to", name]).report_to == [name]
+
+
+def test_an_unknown_tracker_is_refused_with_the_nearest_name():
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'. Did you mean 'tensorboard'"):
+        load_config(None, ["--report_to", "tensorbord"])
+    assert load_config(None, ["--report_to", "none"]).report_to == ["none"]
