@@ -165,6 +165,10 @@ def method_config(method: str, hidden: int = 768) -> Any:
         )
     if method == "masm":  # all MASMConfig defaults (regulariser weights 0)
         return peft_masm.MASMConfig(**common)
+    if method.endswith("_explicit"):  # the same method trained by the explicit path (step_hooks=False)
+        config = method_config(method.removesuffix("_explicit"), hidden)
+        config.step_hooks = False
+        return config
     if method == "masm_dynamic":  # defaults with the dynamic layer mask (for its overhead)
         return peft_masm.MASMConfig(layer_mask="dynamic", **common)
     if method == "masm_nomask":

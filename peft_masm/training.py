@@ -1,27 +1,18 @@
-"""The one MASM training step: task loss + regularisers, backward, clipping, non-finite guard, layer mask, optimizer.
+"""The recipe's training step: task loss, backward, clipping, optimizer, scheduler; MASM acts inside the step.
 
-``TrainingStep`` is what ``recipes/train.py`` and the benchmarks run for every batch, and
-``peft_masm.MASMTrainer`` runs the same lifecycle inside ``transformers.Trainer``. The order at each
-optimizer step (an accumulation boundary) is fixed here, once:
-
-1. ``backward()`` of ``task loss + regularization_loss()["total"]`` (every micro-batch; with
-   ``regularization_interval = N`` > 1, of every N-th optimizer step only, weighted N times);
-2. gradient clipping (when ``max_grad_norm`` is set), which also yields the gradient norm;
-3. non-finite check of that norm (after data-parallel synchronisation, so every rank agrees):
-   raise :class:`NonFiniteLossError` naming the step, or skip the step with a warning;
-4. ``update_layer_mask()`` (statistics, decisions, masked gradients dropped);
-5. ``optimizer.step()``, then ``apply_fit_bound()`` (subspaces that outgrew ``fit_bound * rho`` are
-   projected back onto it), ``scheduler.step()``;
-6. ``after_optimizer_step(step)`` when given (e.g. PEFT AdaMSS's or AdaLoRA's
-   ``model.base_model.update_and_allocate``, which want the gradients after the step), then
-   ``optimizer.zero_grad()``.
+``TrainingStep`` is what ``recipes/train.py`` and the benchmarks run for every batch. For a MASM adapter with
+``step_hooks`` on (the default) it is a plain PEFT step: the non-finite guard, the regularisers' gradient, the
+layer mask, the fit bound and the step count act inside ``optimizer.step()`` (``peft_masm.tuner.step_hooks``),
+exactly as in any user's loop. With ``step_hooks=False`` it runs them itself, in the order they had before the
+hooks existed: the regularisers added to each micro-batch's loss (so clipped with it), clipping, the non-finite
+check, ``update_layer_mask()``, ``optimizer.step()``, ``apply_fit_bound()``. Any other adapter (a LoRA baseline)
+trains through the same step with the non-finite guard and a step count of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +21,7 @@ import torch
 from torch import nn
 
 from .tuner import MASMModel
+from .tuner.step_hooks import NonFiniteLossError, add_regularizer_gradient, check_finite_gradients
 
 __all__ = [
     "NonFiniteLossError",
@@ -42,10 +34,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradients of a training step are NaN or infinite (nothing was written to the adapter)."""
 
 
 def find_masm_model(model: nn.Module) -> MASMModel:
@@ -94,56 +82,6 @@ def scheduled_regularization(masm: MASMModel, completed_steps: int) -> dict[str,
     return terms if interval == 1 else {**terms, "total": terms["total"] * interval}
 
 
-@torch.no_grad()
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all ``grads`` together, in float32: one fused ``_foreach_norm`` per device and dtype (a
-    per-tensor loop costs two kernel launches per trainable tensor, hundreds per step on a GPU). Half-precision
-    gradients are widened first, so that a large but finite norm cannot overflow to inf."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for grad in grads:
-        groups.setdefault((grad.device, grad.dtype), []).append(grad)
-    if not groups:
-        return torch.zeros(())
-    partial = []
-    for (_, dtype), group in groups.items():
-        if dtype in (torch.float16, torch.bfloat16):
-            group = [g.float() for g in group]
-        partial.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group)).float()))
-    device = partial[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in partial]))
-
-
-def check_finite_gradients(
-    parameters: Iterable[nn.Parameter],
-    step: int,
-    on_non_finite: Literal["raise", "skip"] = "raise",
-    norm=None,
-) -> bool:
-    """True when every gradient is finite. Otherwise raise :class:`NonFiniteLossError` naming ``step``, or
-    (``on_non_finite="skip"``) warn, drop every gradient (so the optimizer skips the step) and return False.
-
-    ``norm`` is the total gradient norm when already known (from clipping).
-    """
-    params = [p for p in parameters if p.grad is not None]
-    if norm is None:
-        norm = _total_norm([p.grad for p in params if p.grad is not None])
-    value = float(norm)
-    if math.isfinite(value):
-        return True
-    message = (
-        f"optimizer step {step}: the gradients are not finite (total norm {value}); a NaN/inf in the inputs, "
-        "labels or loss reached the adapter. Nothing was written to the adapter."
-    )
-    if on_non_finite == "raise":
-        raise NonFiniteLossError(
-            message + " Check the data of this step, lower the learning rate, or pass on_non_finite='skip'."
-        )
-    warnings.warn(message + " The step is skipped (on_non_finite='skip').", RuntimeWarning, stacklevel=2)
-    for p in params:
-        p.grad = None
-    return False
-
-
 @dataclass
 class StepOutput:
     """What one call of :class:`TrainingStep` did."""
@@ -156,13 +94,13 @@ class StepOutput:
 
 
 class TrainingStep:
-    """One micro-batch of training, in the order given in this module's docstring.
+    """One micro-batch of training (see the module docstring for what runs where).
 
-    ``loss_fn(model, batch)`` returns the task loss; the regularisers of a MASM adapter are added here
-    (a LoRA or other PEFT adapter trains through the same step without them). With an ``accelerator``
-    the step uses its gradient accumulation, backward, clipping and synchronisation; without one it is
-    a plain PyTorch step (``gradient_accumulation_steps`` is then 1). ``after_optimizer_step(step)`` runs
-    after each optimizer step that was taken, before the gradients are cleared (step counts from 1).
+    ``loss_fn(model, batch)`` returns the task loss. With an ``accelerator`` the step uses its gradient
+    accumulation, backward, clipping and synchronisation; without one it is a plain PyTorch step.
+    ``after_optimizer_step(step)`` runs after each optimizer step that was taken, before the gradients are
+    cleared (``step`` counts taken steps from 1). ``on_non_finite`` ("raise" or "skip") overrides a MASM
+    adapter's config (``MASMConfig.on_non_finite``); any other adapter raises unless told to skip.
     """
 
     def __init__(
@@ -174,11 +112,11 @@ class TrainingStep:
         accelerator: Any = None,
         scheduler: Any = None,
         max_grad_norm: float | None = None,
-        on_non_finite: Literal["raise", "skip"] = "raise",
+        on_non_finite: Literal["raise", "skip"] | None = None,
         masm_model: MASMModel | None = None,
         after_optimizer_step: Callable[[int], Any] | None = None,
     ) -> None:
-        if on_non_finite not in ("raise", "skip"):
+        if on_non_finite not in ("raise", "skip", None):
             raise ValueError(f"on_non_finite must be 'raise' or 'skip', got {on_non_finite!r}.")
         self.model = model
         self.optimizer = optimizer
@@ -188,14 +126,28 @@ class TrainingStep:
         self.max_grad_norm = max_grad_norm
         self.on_non_finite = on_non_finite
         self.masm = masm_model if masm_model is not None else maybe_masm_model(model)
+        if self.masm is not None and on_non_finite is not None:
+            self.masm.step_state.on_non_finite = on_non_finite
         self.after_optimizer_step = after_optimizer_step
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self.optimizer_steps = 0  # optimizer steps taken or skipped (accumulation boundaries)
+        self._steps = 0  # taken optimizer steps of a non-MASM adapter (MASM counts in its step_state)
+
+    @property
+    def hooks(self) -> bool:
+        """Whether MASM's step hooks do the MASM work of this step."""
+        return self.masm is not None and self.masm.peft_config[self.masm.active_adapters[0]].step_hooks
+
+    @property
+    def optimizer_steps(self) -> int:
+        """The number of taken optimizer steps (for MASM: ``model.base_model.step_state.num_steps``)."""
+        return self.masm.step_state.num_steps if self.masm is not None else self._steps
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """``(total, task, regularisation terms)`` for ``batch``."""
+        """``(total, task, regularisation terms)`` for ``batch`` (terms only where the loss carries them)."""
         task = self.loss_fn(self.model, batch)
-        terms = None if self.masm is None else scheduled_regularization(self.masm, self.optimizer_steps)
+        if self.masm is None or self.hooks:
+            return task, task, {}
+        terms = scheduled_regularization(self.masm, self.optimizer_steps)
         if terms is None:
             return task, task, {}
         return task + terms["total"].to(task.device), task, terms
@@ -212,10 +164,33 @@ class TrainingStep:
         if self.accelerator is not None:
             if self.accelerator.scaler is not None:  # fp16: the grad scaler skips overflowing steps itself
                 return self.accelerator.clip_grad_norm_(self.params, limit) if limit is not None else None
+            if limit is None and self.hooks:
+                return None  # the step hook checks the gradients itself
             return self.accelerator.clip_grad_norm_(self.params, limit if limit is not None else math.inf)
         if limit is not None:
             return torch.nn.utils.clip_grad_norm_(self.params, limit)
         return None
+
+    def _before_step(self) -> bool:
+        """At an accumulation boundary, after clipping: what the loop itself runs before ``optimizer.step()``
+        (nothing MASM-specific with step hooks). False when a non-finite step is skipped."""
+        norm = self._clip()
+        if self.hooks:
+            self.masm.step_state.skipped = False
+            return True
+        fp16 = self.accelerator is not None and self.accelerator.scaler is not None
+        step = self.optimizer_steps + 1
+        on_non_finite = self.on_non_finite or "raise"
+        if self.masm is not None:
+            config = self.masm.peft_config[self.masm.active_adapters[0]]
+            on_non_finite = self.masm.step_state.on_non_finite or config.on_non_finite
+        if not fp16 and not check_finite_gradients(self.params, step, on_non_finite, norm):
+            return False
+        if self.masm is not None:
+            self.masm.update_layer_mask()  # with step_hooks=False it also advances the step count
+        else:
+            self._steps += 1
+        return True
 
     def __call__(self, batch: Any) -> StepOutput:
         accumulate = (
@@ -230,21 +205,15 @@ class TrainingStep:
             else:
                 total.backward()
             boundary = self._boundary()
-            skipped = False
-            if boundary:
-                self.optimizer_steps += 1
-                norm = self._clip()
-                fp16 = self.accelerator is not None and self.accelerator.scaler is not None
-                finite = fp16 or check_finite_gradients(
-                    self.params, self.optimizer_steps, self.on_non_finite, norm
-                )
-                skipped = not finite
-                if finite and self.masm is not None:
-                    self.masm.update_layer_mask()
-            if not skipped:
+            taken = self._before_step() if boundary else True
+            if taken:
                 self.optimizer.step()  # accelerate's prepared optimizer only steps at boundaries
-                if boundary and self.masm is not None:
+                if boundary and self.hooks:
+                    taken = not self.masm.step_state.skipped
+                    terms = dict(self.masm.step_state.regularization)
+                elif boundary and self.masm is not None:
                     self.masm.apply_fit_bound()
+            if taken:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 if boundary and self.after_optimizer_step is not None:
@@ -255,7 +224,7 @@ class TrainingStep:
             task_loss=float(task.detach()),
             regularization={k: float(v.detach()) for k, v in terms.items()},
             optimizer_step=boundary,
-            skipped=skipped,
+            skipped=not taken,
         )
 
 
@@ -266,7 +235,9 @@ def calibrate_layer_mask(
     decision kept for the whole run. Call it once before training (``TrainingStep.calibrate`` and
     ``MASMTrainer`` do). ``loss_fn(model, batch)`` returns the scalar loss. Returns the keep mask over units.
     """
-    controller = find_masm_model(peft_model).layer_mask
+    masm = find_masm_model(peft_model)
+    controller = masm.layer_mask
+    hooks = masm.peft_config[masm.active_adapters[0]].step_hooks
     if num_batches <= 0:
         raise ValueError(f"num_batches must be positive, got {num_batches}.")
     seen = 0
@@ -275,6 +246,8 @@ def calibrate_layer_mask(
             break
         peft_model.zero_grad(set_to_none=True)
         loss_fn(peft_model, batch).backward()
+        if hooks:  # the gradient an optimizer step would see: the regularisers' part added as its hook does
+            add_regularizer_gradient(masm)
         controller.accumulate()
         seen += 1
     peft_model.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ TRAIN_FACTORS = ("all", "singular_values", "vectors")
 LAYER_MASK_MODES = ("dynamic", "static", "none")
 MASK_GRANULARITIES = ("layer", "subspace")
 FIT_CONSTRAINTS = ("projection", "penalty", "none")
+NON_FINITE_ACTIONS = ("raise", "skip")
 
 # Attention projections per `model.config.model_type` (checked against transformers 5.23 on tiny
 # configs, tests/tuner/test_default_targets.py). Plain names match a module name's last component(s);
@@ -248,6 +249,22 @@ class MASMConfig(PeftConfig):
         default=0.9,
         metadata={"help": "Decay of the exponential moving averages of the gradients, in [0, 1)."},
     )
+    step_hooks: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the non-finite guard, the regularisers' gradient, the layer mask, the fit bound and the "
+            "step count act inside every optimizer.step() of an optimizer holding the adapter (torch optimizer "
+            "hooks), so a plain PyTorch loop or the stock transformers.Trainer trains MASM with no MASM call. "
+            "False: the loop calls them itself (peft_masm.TrainingStep does)."
+        },
+    )
+    on_non_finite: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata={
+            "help": "A NaN/inf gradient at an optimizer step: 'raise' NonFiniteLossError naming the step, or "
+            "'skip' the step with a warning (nothing is written to the adapter)."
+        },
+    )
     base_model_type: str | None = field(
         default=None,
         metadata={
@@ -286,7 +303,7 @@ class MASMConfig(PeftConfig):
             _check_real(self, "subspace_alpha", "None or a finite number > 0", lambda v: v > 0)
         _check_real(self, "mask_keep_ratio", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
         _check_real(self, "mask_ema_decay", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
-        for name in ("init_weights", "check_base_model"):
+        for name in ("init_weights", "check_base_model", "step_hooks"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(
@@ -298,6 +315,7 @@ class MASMConfig(PeftConfig):
             "layer_mask": LAYER_MASK_MODES,
             "mask_granularity": MASK_GRANULARITIES,
             "fit_constraint": FIT_CONSTRAINTS,
+            "on_non_finite": NON_FINITE_ACTIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

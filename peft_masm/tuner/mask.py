@@ -49,7 +49,7 @@ class LayerMaskController:
     It is given the adapter's layers and config, never the model. Use it through
     ``MASMModel.update_layer_mask()`` (see there for when to call it). It has ``state_dict()`` /
     ``load_state_dict()`` so ``accelerator.register_for_checkpointing(controller)`` saves the
-    statistics and the step count with the training state.
+    statistics with the training state (the step count is the model's ``step_state``).
     """
 
     def __init__(self, layers: list[tuple[str, MASMLayer]], config: MASMConfig, adapter_name: str) -> None:
@@ -73,7 +73,6 @@ class LayerMaskController:
         self.ema_mean: list[list[torch.Tensor]] | None = None
         self.ema_sq: list[list[torch.Tensor]] | None = None
         self.num_updates = 0  # gradients folded into the statistics (training steps and calibration batches)
-        self.num_steps = 0  # optimizer steps seen by step(): the one step count of the mask
         self.calibrated = False
         self.history_steps: list[int] = []
         self.history_masks: list[list[float]] = []
@@ -182,17 +181,14 @@ class LayerMaskController:
                 p.grad = None
         return masked
 
-    def step(self) -> None:
-        """One optimizer step: update statistics, decide when due, drop masked gradients.
-
-        The steps are counted here (1 for the first optimizer step): a decision is taken at step
-        ``mask_warmup`` and every ``mask_interval`` steps after it (the first at ``mask_interval``
-        when ``mask_warmup`` is 0).
+    def step(self, step: int) -> None:
+        """Optimizer step ``step`` (1 for the first; the model's ``step_state`` counts them): update statistics,
+        decide when due, drop masked gradients. A decision is taken at step ``mask_warmup`` and every
+        ``mask_interval`` steps after it (the first at ``mask_interval`` when ``mask_warmup`` is 0).
         """
         mode = self.config.layer_mask
         if mode == "none":
             return
-        self.num_steps += 1
         if mode == "static":
             if not self.calibrated:
                 raise RuntimeError(
@@ -202,8 +198,8 @@ class LayerMaskController:
             self.drop_masked_gradients()
             return
         self.accumulate()
-        if self.decision_due(self.num_steps):
-            self.decide(self.num_steps)
+        if self.decision_due(step):
+            self.decide(step)
         self.drop_masked_gradients()
 
     def decision_due(self, step: int) -> bool:
@@ -220,7 +216,6 @@ class LayerMaskController:
             "ema_mean": self.ema_mean,
             "ema_sq": self.ema_sq,
             "num_updates": self.num_updates,
-            "num_steps": self.num_steps,
             "calibrated": self.calibrated,
             "history_steps": list(self.history_steps),
             "history_masks": [list(row) for row in self.history_masks],
@@ -250,7 +245,6 @@ class LayerMaskController:
                 )
         self.ema_mean, self.ema_sq = ema_mean, ema_sq
         self.num_updates = int(state["num_updates"])
-        self.num_steps = int(state.get("num_steps", state["num_updates"]))
         self.calibrated = bool(state["calibrated"])
         self.history_steps = list(state["history_steps"])
         self.history_masks = [list(row) for row in state["history_masks"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -15,6 +16,7 @@ from .config import DEFAULT_ATTENTION_TARGETS, MASMConfig, no_default_targets_me
 from .decomposition import minor_triplets_many
 from .layer import BaseModelMismatchError, Linear, MASMLayer, stacked_fit_bound, stacked_regularization_terms
 from .mask import LayerMaskController
+from .step_hooks import StepState, watch
 
 
 class MASMModel(BaseTuner):
@@ -40,6 +42,12 @@ class MASMModel(BaseTuner):
         self._loading_keys: set[str] = set()
         self._loading_prefix = ""
         self.register_load_state_dict_post_hook(_check_loaded_adapter_complete)
+        self.step_state = StepState()
+        self._optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._warned: set[str] = set()
+        watch(self)
 
     def _prepare_adapter_config(self, peft_config: MASMConfig, model_config: dict) -> MASMConfig:  # type: ignore[override]
         """Default targets from MASM's own table; MASM's error (naming the known types) for any other model."""
@@ -142,6 +150,7 @@ class MASMModel(BaseTuner):
     def _forget_layers(self) -> None:
         """Drop the lists ``masm_layers`` keeps (whenever modules or adapters are added, replaced or deleted)."""
         self.__dict__["_masm_layer_lists"] = {}
+        self.__dict__["_optimizers"] = weakref.WeakKeyDictionary()
 
     def _all_masm_layers(self) -> Iterator[tuple[str, MASMLayer]]:
         return ((name, m) for name, m in self.model.named_modules() if isinstance(m, MASMLayer))
@@ -189,16 +198,59 @@ class MASMModel(BaseTuner):
             layer.set_decomposition(name, triplets)
         return len(todo)
 
+    # ------------------------------------------------------------------------- optimizer steps
+    def acts_on(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether MASM's step hooks act at ``optimizer.step()``: ``step_hooks`` is on for the active adapter and the
+        optimizer holds a MASM factor of this model (checked once per optimizer and parameter count)."""
+        if not self.active_adapters or not self.peft_config[self.active_adapters[0]].step_hooks:
+            return False
+        size = sum(len(group["params"]) for group in optimizer.param_groups)
+        known = self._optimizers.get(optimizer)
+        if known is None or known[0] != size:
+            ours = {id(p) for name in self.peft_config for p in self.trainable_factors(name)}
+            holds = any(id(p) in ours for group in optimizer.param_groups for p in group["params"])
+            known = self._optimizers[optimizer] = (size, holds)
+        return known[1]
+
+    def trainable_factors(self, adapter_name: str | None = None) -> list[torch.Tensor]:
+        """The factor tensors (``U``, ``s``, ``V``) of every layer holding ``adapter_name`` (default: active)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return [
+            p
+            for _, layer in self.masm_layers(adapter_name)
+            for factor in ("masm_U", "masm_s", "masm_V")
+            for p in layer._trainable(factor, adapter_name)
+        ]
+
+    def _deprecated_call(self, name: str, replacement: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(f"{name} is deprecated: {replacement}", FutureWarning, stacklevel=3)
+
     def regularization_loss(
         self, adapter_name: str | None = None, compute_all: bool = False
     ) -> dict[str, torch.Tensor]:
         """MASM's regularisers, averaged over layers: ``orthogonality``, ``spectral`` and their weighted ``total``.
 
-        PEFT's ``PeftModel.forward`` bypasses the tuner for vision models, so the training loop adds
-        ``regularization_loss()["total"]`` to its task loss (``MASMTrainer`` and the recipes do). When both
-        weights are 0 nothing is computed (``total`` is 0 and the two terms are NaN, "not computed") unless
-        ``compute_all=True``, e.g. to log the terms of an unregularised run.
+        With ``step_hooks`` on (the default) their gradient reaches the factors at ``optimizer.step()`` without a
+        loss term, and this call is for inspection. A loop that still adds ``total`` to its loss (called with
+        gradients enabled, in training mode) is honoured: the step hook then adds nothing for that step. When both
+        weights are 0 nothing is computed (``total`` is 0, the terms NaN) unless ``compute_all=True``.
         """
+        adapter_name = adapter_name or self.active_adapters[0]
+        if self.peft_config[adapter_name].step_hooks and torch.is_grad_enabled() and self.training:
+            self._deprecated_call(
+                "Adding regularization_loss()['total'] to the loss",
+                "with step_hooks=True the regularisers reach the gradient at optimizer.step() by themselves; "
+                "drop the term from the loss (read the last values from model.base_model.step_state.regularization).",
+            )
+            self.step_state.explicit_regularization_step = self.step_state.num_steps
+        return self.regularization_terms(adapter_name, compute_all)
+
+    def regularization_terms(
+        self, adapter_name: str | None = None, compute_all: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The regularisers as :meth:`regularization_loss` returns them, with no bookkeeping (the step hook's call)."""
         adapter_name = adapter_name or self.active_adapters[0]
         config = self.peft_config[adapter_name]
         layers = [layer for _, layer in self.masm_layers(adapter_name)]
@@ -220,9 +272,25 @@ class MASMModel(BaseTuner):
 
     @torch.no_grad()
     def apply_fit_bound(self, adapter_name: str | None = None) -> torch.Tensor:
-        """After ``optimizer.step()``: project every subspace that outgrew ``fit_bound * rho`` back onto the bound
+        """Project every subspace that outgrew ``fit_bound * rho`` back onto the bound (see
+        :meth:`project_fit_bound`). With ``step_hooks`` on this runs after every ``optimizer.step()`` by itself:
+        the first call after a step returns that step's count and projects nothing again (deprecated)."""
+        state = self.step_state
+        adapter = adapter_name or self.active_adapters[0]
+        if self.peft_config[adapter].step_hooks:
+            self._deprecated_call(
+                "apply_fit_bound()", "with step_hooks=True the fit bound acts after every optimizer.step()."
+            )
+            if state.hook_projected is not None:
+                limited, state.hook_projected = state.hook_projected, None
+                return limited
+        return self.project_fit_bound(adapter_name)
+
+    @torch.no_grad()
+    def project_fit_bound(self, adapter_name: str | None = None) -> torch.Tensor:
+        """Project every subspace that outgrew ``fit_bound * rho`` back onto the bound
         (``fit_constraint="projection"``; a no-op otherwise). Returns how many subspaces were limited (0-d
-        tensor). ``TrainingStep`` and ``MASMTrainer`` call it for you."""
+        tensor, left on the layers' device: no host sync per optimizer step)."""
         adapter_name = adapter_name or self.active_adapters[0]
         if self.peft_config[adapter_name].fit_constraint != "projection":
             return torch.zeros((), dtype=torch.long)
@@ -231,7 +299,6 @@ class MASMModel(BaseTuner):
             for _, layer in self.masm_layers(adapter_name)
             if not layer.pending_decomposition(adapter_name)
         ]
-        # The counts stay on the layers' device: no host sync per optimizer step.
         counts = [
             stacked_fit_bound(group, adapter_name) for group in _same_shape_groups(layers, adapter_name)
         ]
@@ -265,21 +332,31 @@ class MASMModel(BaseTuner):
         return self._layer_masks[adapter_name]
 
     def update_layer_mask(self, global_step: int | None = None) -> None:
-        """The layer mask's one entry point: update gradient statistics, decide when due, drop masked gradients.
+        """The layer mask for the coming optimizer step: statistics, a decision when due, masked gradients dropped.
 
-        Call it once per optimizer step, after ``backward()`` and gradient clipping and before
-        ``optimizer.step()`` (with gradient accumulation: only when ``accelerator.sync_gradients``, so
-        every rank sees the same synchronised gradients). The mask counts the steps itself (the first
-        call is step 1); ``peft_masm.training.TrainingStep`` and ``peft_masm.MASMTrainer`` call it for you.
+        With ``step_hooks`` on (the default) ``optimizer.step()`` runs this by itself (deprecated here: an explicit
+        call acts once and the step hook then skips the mask for that step). With ``step_hooks=False`` call it once
+        per optimizer step, after ``backward()`` and gradient clipping and before ``optimizer.step()`` (with
+        gradient accumulation: only when ``accelerator.sync_gradients``); it then advances the step count.
         """
         if global_step is not None:
             warnings.warn(
-                "update_layer_mask(global_step) is deprecated: the layer mask counts optimizer steps itself "
-                "(saved with its state); call update_layer_mask() with no argument.",
+                "update_layer_mask(global_step) is deprecated: the step count is kept by the model "
+                "(model.base_model.step_state); call update_layer_mask() with no argument.",
                 FutureWarning,
                 stacklevel=2,
             )
-        self.layer_mask.step()
+        state = self.step_state
+        step = state.num_steps + 1
+        if self.peft_config[self.active_adapters[0]].step_hooks:
+            self._deprecated_call(
+                "update_layer_mask()",
+                "with step_hooks=True the layer mask acts inside every optimizer.step().",
+            )
+            state.explicit_mask_step = step
+        else:
+            state.num_steps = step
+        self.layer_mask.step(step)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter and its layer-mask statistics."""

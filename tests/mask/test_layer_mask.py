@@ -273,3 +273,39 @@ def test_gradient_accumulation_and_resume(tmp_path):
     full = torch.load(tmp_path / "full" / "final_rank0.pt")
     _compare(torch.load(tmp_path / "resumed" / "final_rank0.pt"), full)
     _compare(torch.load(tmp_path / "accumulated" / "final_rank0.pt"), full)
+
+
+@pytest.mark.slow
+def test_a_plain_accelerate_loop_matches_the_explicit_one_on_two_processes(tmp_path):
+    """Issue 27: no MASM call in an accelerate loop (DDP on two CPU processes, gradient accumulation 2) trains as
+    the loop that calls the regularisers and the mask itself. Not bit for bit: the explicit loop adds the
+    regularisers to every micro-batch's loss on every rank (averaged by DDP and accumulation), the step hook adds
+    their gradient once after synchronisation, so the sums are rounded in another order."""
+    for name in ("explicit", "plain", "plain_accumulated"):
+        (tmp_path / name).mkdir()
+    _launch(tmp_path / "explicit", 2, "--steps", "8")
+    _launch(tmp_path / "plain", 2, "--steps", "8", "--loop", "plain")
+    _launch(tmp_path / "plain_accumulated", 1, "--steps", "8", "--loop", "plain", "--accumulation", "2")
+    explicit = torch.load(tmp_path / "explicit" / "final_rank0.pt")
+    rank0 = torch.load(tmp_path / "plain" / "final_rank0.pt")
+    rank1 = torch.load(tmp_path / "plain" / "final_rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key  # every process took the same decisions
+    assert rank0["num_steps"].item() == explicit["num_steps"].item() == 8
+    _compare(rank0, explicit)
+    _compare(torch.load(tmp_path / "plain_accumulated" / "final_rank0.pt"), explicit)
+
+
+@pytest.mark.slow
+def test_a_plain_accelerate_loop_resumes_as_if_uninterrupted(tmp_path):
+    """The step count and the mask statistics are saved with accelerate's training state and restored."""
+    for name in ("full", "resumed"):
+        (tmp_path / name).mkdir()
+    _launch(tmp_path / "full", 1, "--steps", "8", "--loop", "plain")
+    _launch(tmp_path / "resumed", 1, "--steps", "8", "--loop", "plain", "--stop_after", "3")
+    _launch(tmp_path / "resumed", 1, "--steps", "8", "--loop", "plain", "--resume")
+    full = torch.load(tmp_path / "full" / "final_rank0.pt")
+    resumed = torch.load(tmp_path / "resumed" / "final_rank0.pt")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key

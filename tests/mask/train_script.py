@@ -1,7 +1,9 @@
 """A tiny MASM training run under accelerate, used by the layer-mask tests (not a test module).
 
-python train_script.py OUT [--steps N] [--stop_after N] [--resume] [--accumulation A] [--batch B]
+python train_script.py OUT [--steps N] [--stop_after N] [--resume] [--accumulation A] [--loop plain|explicit]
 The global batch per optimizer step is always 8 samples (split over processes and accumulation).
+--loop plain: a PEFT user's accelerate loop with no MASM call (step_hooks on); explicit (default): the loop
+calls the regularisers and the layer mask itself, with step_hooks=False.
 """
 
 import argparse
@@ -23,6 +25,7 @@ parser.add_argument("--stop_after", type=int, default=None)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--accumulation", type=int, default=1)
 parser.add_argument("--granularity", default="layer")
+parser.add_argument("--loop", choices=["plain", "explicit"], default="explicit")
 args = parser.parse_args()
 out = Path(args.out)
 
@@ -48,6 +51,7 @@ config = peft_masm.MASMConfig(
     layer_mask="dynamic",
     orthogonality_weight=0.01,
     spectral_weight=0.01,
+    step_hooks=args.loop == "plain",
 )
 model = get_peft_model(model, config)
 model.base_model.decompose()  # once, before wrapping, identically on every process
@@ -63,6 +67,7 @@ loader = torch.utils.data.DataLoader(dataset, batch_size=per_device, shuffle=Fal
 
 model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 accelerator.register_for_checkpointing(controller)
+accelerator.register_for_checkpointing(accelerator.unwrap_model(model).base_model.step_state)
 start_step = 0
 if args.resume:
     accelerator.load_state(str(out / "state"))
@@ -73,9 +78,11 @@ masm = accelerator.unwrap_model(model).base_model
 for x, y in loader:
     with accelerator.accumulate(model):
         if step >= start_step:
-            loss = model(pixel_values=x, labels=y).loss + masm.regularization_loss()["total"]
+            loss = model(pixel_values=x, labels=y).loss
+            if args.loop == "explicit":
+                loss = loss + masm.regularization_loss()["total"]
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
+            if accelerator.sync_gradients and args.loop == "explicit":
                 masm.update_layer_mask()
             optimizer.step()
             optimizer.zero_grad()
@@ -94,4 +101,5 @@ state = {
 state.update({n: b.clone() for n, b in accelerator.unwrap_model(model).named_buffers() if "masm_mask" in n})
 state["history"] = torch.tensor(controller.history_masks)
 state["history_steps"] = torch.tensor(controller.history_steps)
+state["num_steps"] = torch.tensor(masm.step_state.num_steps)
 torch.save(state, out / f"final_rank{accelerator.process_index}.pt")

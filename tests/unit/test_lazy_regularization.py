@@ -1,5 +1,7 @@
-"""Lazy regularisation (``regularization_interval = N``): both training paths add the regularisers at every N-th
-optimizer step only, weighted N times, and the terms themselves are the exact ones when they are added."""
+"""Lazy regularisation (``regularization_interval = N``): every training path adds the regularisers at every N-th
+optimizer step only, weighted N times, and the terms themselves are the exact ones when they are added. The
+explicit paths (``step_hooks=False``: the terms in the loss) and the step hook (their gradient added inside
+``optimizer.step()``) are both checked."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from peft_masm import MASMConfig, MASMTrainer, TrainingStep
 from peft_masm.training import find_masm_model
 
 
-def _model(interval: int):
+def _model(interval: int, step_hooks: bool = False):
     base = tiny_vit_classifier()
     config = MASMConfig(
         num_subspaces=2,
@@ -22,6 +24,7 @@ def _model(interval: int):
         spectral_weight=0.5,
         init_weights=False,  # a non-identity start: the terms are non-zero from the first step
         regularization_interval=interval,
+        step_hooks=step_hooks,
     )
     return get_peft_model(base, config)
 
@@ -101,3 +104,40 @@ def test_masm_trainer_follows_the_same_schedule(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 5
     assert seen == [0, 2, 4]
+
+
+def test_the_step_hook_adds_the_weighted_gradient_at_every_nth_step_only():
+    """A plain loop (no term in the loss): at due steps the factors' gradient gains N times the regularisers'
+    gradient, the terms are kept for logs, and TrainingStep reports them; at other steps nothing is added."""
+    model = _model(interval=3, step_hooks=True)
+    masm = find_masm_model(model)
+    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=1e-2), _loss)
+    logged = []
+    for i in range(7):
+        expected = _exact_total(model)
+        out = step(image_batch(i))
+        assert out.loss == out.task_loss  # nothing in the loss
+        logged.append(bool(out.regularization))
+        if out.regularization:
+            assert out.regularization["total"] == pytest.approx(3 * expected, rel=1e-5)
+    assert [i for i, value in enumerate(logged) if value] == [0, 3, 6]
+    assert masm.step_state.num_steps == 7
+
+
+def test_the_step_hook_gradient_is_n_times_the_regularisers():
+    from peft_masm.tuner.step_hooks import add_regularizer_gradient
+
+    model = _model(interval=4, step_hooks=True)
+    masm = find_masm_model(model)
+    batch = image_batch(0)
+    _loss(model, batch).backward()
+    add_regularizer_gradient(masm)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
+    model.zero_grad(set_to_none=True)
+    _loss(model, batch).backward()
+    task = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
+    model.zero_grad(set_to_none=True)
+    masm.regularization_terms()["total"].backward()
+    reg = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
+    for name in grads:
+        torch.testing.assert_close(grads[name], task[name] + 4 * reg[name])
