@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -28,12 +29,12 @@ __all__ = [
     "LABEL2ID",
     "POOLINGS",
     "BackboneNotAvailableError",
+    "BaseModelNotRecordedError",
     "CLIPPoolerClassifier",
     "build_detector",
     "push_detector_to_hub",
     "read_training_config",
     "save_detector",
-    "card_base_model",
     "head_module_names",
     "load_base_classifier",
     "load_detector",
@@ -43,8 +44,6 @@ __all__ = [
 
 ID2LABEL: dict[int, str] = {0: "real", 1: "fake"}
 LABEL2ID: dict[str, int] = {"real": 0, "fake": 1}
-# Hub ids whose weights the offline aliases of peft_masm.backbones carry (used for model-card metadata).
-_ALIAS_HUB_IDS = {"clip-vit-b16": "openai/clip-vit-base-patch16", "dinov2-s14": "facebook/dinov2-small"}
 
 
 POOLINGS = ("model", "pooler_output")
@@ -52,6 +51,10 @@ POOLINGS = ("model", "pooler_output")
 
 class BackboneNotAvailableError(OSError):
     """The backbone (or the base model an adapter names) is neither local, cached, nor reachable."""
+
+
+class BaseModelNotRecordedError(ValueError):
+    """An adapter's config names no base model and none was given."""
 
 
 @contextlib.contextmanager
@@ -63,11 +66,6 @@ def quiet_peft_deprecation_probe() -> Iterator[None]:
             "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
         yield
-
-
-def card_base_model(backbone: str) -> str:
-    """The Hub id to name as ``base_model`` on a model card (offline aliases map to the weights they carry)."""
-    return _ALIAS_HUB_IDS.get(backbone, backbone)
 
 
 def _resolve_backbone(backbone: str | os.PathLike) -> str:
@@ -96,8 +94,56 @@ def _not_available(name: str, err: Exception) -> BackboneNotAvailableError:
     )
 
 
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' load report (``... LOAD REPORT from: ...``) until it is judged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self.release = False  # set True to show the held report once loading is over
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _held_load_report() -> Iterator[_HoldLoadReport]:
+    """Hold transformers' load report back; show it at the end if ``release`` is set or loading failed."""
+    logger, hold = logging.getLogger("transformers.modeling_utils"), _HoldLoadReport()
+    logger.addFilter(hold)
+    try:
+        yield hold
+    except BaseException:
+        hold.release = True  # the report explains the failure
+        raise
+    finally:
+        logger.removeFilter(hold)
+        if hold.release:
+            for record in hold.held:
+                logging.getLogger(record.name).handle(record)
+
+
+def _only_new_head(model: nn.Module, info: dict[str, Any]) -> bool:
+    """True when the load report says only that the 2-way head is new (and that the checkpoint holds parts the
+    classifier does not use, e.g. CLIP's ``visual_projection``): the head is trained, or comes from the adapter."""
+    if info.get("mismatched_keys") or info.get("error_msgs"):
+        return False
+    try:
+        heads = set(head_module_names(model))
+    except ValueError:
+        return False
+    return all(key.split(".")[0] in heads for key in info.get("missing_keys") or ())
+
+
 def load_base_classifier(backbone: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> nn.Module:
-    """``AutoModelForImageClassification`` with a new 2-way head (``id2label={0: "real", 1: "fake"}``)."""
+    """``AutoModelForImageClassification`` with a new 2-way head (``id2label={0: "real", 1: "fake"}``).
+
+    transformers' load report is shown only when it says more than that this head is new ("classifier MISSING ...
+    Consider training on your downstream task"): the detector trains it, or loads it from the adapter.
+    """
     from transformers import AutoModelForImageClassification
 
     path = _resolve_backbone(backbone)
@@ -105,7 +151,12 @@ def load_base_classifier(backbone: str | os.PathLike, torch_dtype: torch.dtype |
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        return AutoModelForImageClassification.from_pretrained(path, **kwargs)
+        with _held_load_report() as report:
+            model, info = AutoModelForImageClassification.from_pretrained(
+                path, output_loading_info=True, **kwargs
+            )
+            report.release = not _only_new_head(model, info)
+        return model
     except OSError as err:
         if os.path.isdir(path):
             raise
@@ -286,8 +337,9 @@ def load_detector(
     config_data = json.loads((folder / "adapter_config.json").read_text())
     base = base_model or config_data.get("base_model_name_or_path")
     if not base:
-        raise ValueError(
-            f"{folder}/adapter_config.json names no base_model_name_or_path; pass base_model=..."
+        raise BaseModelNotRecordedError(
+            f"{folder}/adapter_config.json names no base model (base_model_name_or_path is empty); pass the "
+            "backbone it was trained on: base_model=... (masm-detect and recipes/evaluate_detector.py: --base_model)."
         )
     pooling = read_detector_config(folder).get("pooling", "model")
     model = _with_pooling(load_base_classifier(base, torch_dtype=torch_dtype), pooling)
@@ -315,9 +367,45 @@ def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The base model under DDP / accelerate wrappers and the PeftModel."""
+    inner: Any = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def _pooling_of(model: nn.Module) -> str:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "pooler_output" if isinstance(inner, CLIPPoolerClassifier) else "model"
+    return "pooler_output" if isinstance(_unwrap(model), CLIPPoolerClassifier) else "model"
+
+
+def _processor_size(processor: Any) -> int | None:
+    """The side in pixels of the images an image processor makes (its crop, else its resize target)."""
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", True) else None
+    for size in (crop, getattr(processor, "size", None)):
+        if isinstance(size, dict):
+            side = size.get("height") or size.get("shortest_edge")
+            if isinstance(side, int):
+                return side
+    return None
+
+
+def _save_embedding_layers(model: nn.Module) -> bool | str:
+    """``save_embedding_layers`` for PEFT's ``save_pretrained``: what its ``"auto"`` decides, without the Hub
+    look-up that "auto" makes for the base model's config (and its warning when the base is an offline alias).
+
+    The look-up only matters for a model with a vocabulary (a resized one is saved); a vision detector has
+    none, so embedding layers are saved only when an adapted layer is one.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if getattr(_unwrap(model).config, "vocab_size", None):
+        return "auto"
+    embedded = any(
+        isinstance(m, BaseTunerLayer) and isinstance(m.get_base_layer(), nn.Embedding)
+        for m in model.modules()
+    )
+    return "auto" if embedded else False
 
 
 def save_detector(
@@ -342,20 +430,25 @@ def save_detector(
     tmp = target.with_name(f".tmp-{target.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), save_embedding_layers=_save_embedding_layers(model))
+    image_size = None
     if image_processor is not None:
         image_processor.save_pretrained(str(tmp))
-    (tmp / DETECTOR_CONFIG_NAME).write_text(json.dumps({"pooling": _pooling_of(model)}, indent=2) + "\n")
+        image_size = _processor_size(image_processor)
+    pooling = _pooling_of(model)
+    (tmp / DETECTOR_CONFIG_NAME).write_text(json.dumps({"pooling": pooling}, indent=2) + "\n")
     config = json.loads((tmp / "adapter_config.json").read_text())
-    base = card_base_model(str(config.get("base_model_name_or_path") or ""))
     save_adapter_card(
         tmp,
-        base_model=base,
+        base_model=str(config.get("base_model_name_or_path") or "") or None,
         training_config=training_config,
         eval_results=eval_results,
         synthetic_benchmark=synthetic_benchmark,
         base_model_class="AutoModelForImageClassification",
         repo_id=repo_id,
+        pooling=pooling,
+        image_size=image_size,
+        interpolate_pos_encoding=image_size is not None and _interpolates(_unwrap(model), image_size),
     )
     _replace_folder(tmp, target)
     return target
@@ -392,16 +485,18 @@ def _native_size(model: nn.Module) -> int | None:
     return int(size) if isinstance(size, int) else None
 
 
+def _interpolates(base: nn.Module, size: int) -> bool:
+    """Whether ``base`` must be told ``interpolate_pos_encoding=True`` for ``size`` px inputs (CLIP and ViT
+    refuse another size than their own without it; DINOv2 always interpolates)."""
+    native = _native_size(base)
+    return native is not None and size != native and base.config.model_type in ("clip", "vit")
+
+
 def forward_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` (a PeftModel or a prepared/wrapped one), interpolating position embeddings
     when the input size differs from the backbone's native size (CLIP and ViT need to be told)."""
-    inner: Any = model
-    while hasattr(inner, "module"):  # DDP / accelerate wrappers
-        inner = inner.module
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     kwargs: dict[str, Any] = {}
-    native = _native_size(base)
-    if native is not None and pixel_values.shape[-1] != native and base.config.model_type in ("clip", "vit"):
+    if _interpolates(_unwrap(model), pixel_values.shape[-1]):
         kwargs["interpolate_pos_encoding"] = True
     return model(pixel_values=pixel_values, **kwargs).logits
 

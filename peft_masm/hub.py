@@ -125,6 +125,161 @@ def _results_table(eval_results: Mapping[str, Mapping[str, Any]] | None) -> str:
     return results_markdown(eval_results)
 
 
+def _packaged_backbone(base_model: str | None) -> Any:
+    """The ``peft_masm.backbones`` entry for an offline alias (``clip-vit-b16``), else None."""
+    from .backbones import BACKBONES
+
+    if not base_model or base_model not in BACKBONES or Path(base_model).exists():
+        return None
+    return BACKBONES[base_model]
+
+
+def _is_local_folder(base_model: str) -> bool:
+    return Path(base_model).expanduser().is_dir()
+
+
+def describe_base_model(base_model: str | None) -> str:
+    """The card's words for the base model: a Hub link, a backbone packaged with peft_masm, or a local folder."""
+    if not base_model:
+        return "a base model whose name was not recorded (`base_model_name_or_path` is empty in `adapter_config.json`)"
+    packaged = _packaged_backbone(base_model)
+    if packaged is not None:
+        from .assets import ASSETS
+
+        asset = ASSETS[packaged.asset]
+        registry = {"pypi": "PyPI", "npm": "npm", "debian": "Debian"}.get(asset.registry, asset.registry)
+        return (
+            f"`{base_model}`, a backbone packaged with `peft_masm`: {packaged.description}, from the {registry} "
+            f"package `{asset.name}=={asset.version}`"
+        )
+    if _is_local_folder(base_model):
+        return f"the local model folder `{base_model}`"
+    return f"[`{base_model}`](https://huggingface.co/{base_model})"
+
+
+def base_model_notes(base_model: str | None) -> str:
+    """How to get a packaged backbone (empty for a Hub id or a folder)."""
+    if _packaged_backbone(base_model) is None:
+        return ""
+    return (
+        f"`peft_masm.backbones.prepare({json.dumps(base_model)})` builds the base model: it downloads the package once, "
+        "checks its sha256, converts it into a transformers model folder in the cache (`$PEFT_MASM_CACHE`, default "
+        "`~/.cache/peft_masm`) and returns that folder; later calls need no network. Other copies of this "
+        "architecture, the Hub's included, hold other weights: the adapter refuses them "
+        "(`peft_masm.BaseModelMismatchError`)."
+    )
+
+
+def loading_code(
+    base_model: str | None,
+    repo_id: str,
+    *,
+    base_model_class: str = "AutoModel",
+    pooling: str | None = None,
+    image_size: int | None = None,
+    interpolate_pos_encoding: bool = False,
+) -> str:
+    """The card's Python code that loads the adapter onto its base model, runnable as written.
+
+    With ``pooling`` set (a detector saved by ``peft_masm.save_detector``) it also scores ``face.jpg`` with the
+    image processor saved beside the adapter (``image_size`` px; the base's own processor when None).
+    """
+    packaged = _packaged_backbone(base_model) is not None
+    base_arg = (
+        f"prepare({json.dumps(base_model)})"
+        if packaged
+        else json.dumps(base_model or "path/to/the/base/model")
+    )
+    adapter = json.dumps(repo_id)
+    lines = ["import peft_masm  # noqa: F401  registers the MASM tuner type with PEFT"]
+    if pooling is None:
+        lines += ["from peft import PeftModel", f"from transformers import {base_model_class}"]
+        if packaged:
+            lines.append("from peft_masm.backbones import prepare")
+        lines += [
+            "",
+            f"base = {base_model_class}.from_pretrained({base_arg})",
+            f"model = PeftModel.from_pretrained(base, {adapter})",
+            "model.eval()",
+        ]
+        return "\n".join(lines) + "\n"
+    lines += [
+        "import torch",
+        "from peft import PeftModel",
+        "from PIL import Image",
+        f"from transformers import AutoImageProcessor, {base_model_class}",
+    ]
+    if packaged:
+        lines.append("from peft_masm.backbones import prepare")
+    if pooling == "pooler_output":
+        lines.append("from peft_masm.detector import CLIPPoolerClassifier")
+    lines += [
+        "",
+        "# transformers reports the new 2-class head as MISSING: the adapter brings the trained one",
+        f"base = {base_model_class}.from_pretrained({base_arg}, num_labels=2)",
+    ]
+    if pooling == "pooler_output":
+        lines.append(
+            "base = CLIPPoolerClassifier(base)  # the head reads CLIP's pooler_output, as in training"
+        )
+    lines += [f"model = PeftModel.from_pretrained(base, {adapter})", "model.eval()"]
+    if image_size is not None:
+        lines.append(
+            f"processor = AutoImageProcessor.from_pretrained({adapter})  # {image_size} px, as in training"
+        )
+    else:
+        lines.append(f"processor = AutoImageProcessor.from_pretrained({base_arg})")
+    call = "model(**inputs, interpolate_pos_encoding=True)" if interpolate_pos_encoding else "model(**inputs)"
+    lines += [
+        "",
+        'image = Image.open("face.jpg").convert("RGB")  # a face crop, as in training (see below)',
+        'inputs = processor(images=image, return_tensors="pt")',
+        "with torch.no_grad():",
+        f"    logits = {call}.logits",
+        'print(f"p(fake) = {logits.softmax(-1)[0, 1].item():.3f}")  # label 1 is fake',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def input_notes(
+    training_config: Mapping[str, Any] | None,
+    repo_id: str,
+    *,
+    image_size: int | None = None,
+    interpolate_pos_encoding: bool = False,
+) -> str:
+    """What a detector's inputs must look like (face crop, resolution), and the tools that prepare them."""
+    config = training_config or {}
+    notes = []
+    if config.get("data") == "synthetic":
+        notes.append(
+            "The detector was trained on face crops: the largest face, its box enlarged 1.3 times, aligned on 5 landmarks, "
+            f"cropped at 256 px and resized to {config.get('face_size', 224)} px. Score such crops, not whole "
+            "photos or frames."
+        )
+    elif config.get("face_detector", "none") != "none":
+        notes.append(
+            "The detector was trained on face crops (the largest face, its box enlarged 1.3 times, aligned on 5 landmarks, "
+            "256 px). Score such crops, not whole photos or frames."
+        )
+    elif training_config:
+        notes.append(
+            "The detector was trained on its training images as they were, without a face detector (DeepfakeBench frames "
+            "are already face crops); score images prepared the same way."
+        )
+    if image_size is not None and interpolate_pos_encoding:
+        notes.append(
+            f"Its images are {image_size} px, not the base model's own size, so the model is told "
+            "`interpolate_pos_encoding=True`."
+        )
+    notes.append(
+        "`peft_masm` does the face crop, the resolution and the head for you: "
+        f"`masm-detect --adapter {repo_id} photo.jpg` from the shell, or "
+        f"`model, processor = peft_masm.load_detector({json.dumps(repo_id)})` in Python."
+    )
+    return " ".join(notes)
+
+
 def render_model_card(
     base_model: str | None,
     adapter_config: Mapping[str, Any],
@@ -140,12 +295,18 @@ def render_model_card(
     base_model_class: str = "AutoModel",
     adapter_parameters: int | None = None,
     template_path: str | Path | None = None,
+    pooling: str | None = None,
+    image_size: int | None = None,
+    interpolate_pos_encoding: bool = False,
 ) -> ModelCard:
     """A model card (``library_name: peft``, base model, tags, datasets, model-index results) for a MASM adapter.
 
     ``eval_results`` maps test-set names to ``compute_detection_metrics`` outputs. ``synthetic_benchmark`` says
     the results come from the smoke-scale synthetic benchmark, and the card says so. ``base_model=None`` says
-    the base model was not recorded (a model built from a config); an empty string is refused.
+    the base model was not recorded (a model built from a config); an empty string is refused. An offline
+    alias of ``peft_masm.backbones`` is named as such (with how to get it), not as a Hub id. ``pooling`` (set for
+    a detector saved by ``save_detector``), ``image_size`` (of the saved image processor) and
+    ``interpolate_pos_encoding`` make the card's code score an image as the detector was trained.
     """
     if base_model is not None and not base_model:
         raise ValueError(
@@ -153,10 +314,13 @@ def render_model_card(
         )
     name = model_name or (f"{base_model.rstrip('/').split('/')[-1]}-masm" if base_model else "masm-adapter")
     results = eval_results_to_card(eval_results) if eval_results else None
-    base_tag = [f"base_model:adapter:{base_model}"] if base_model else []
+    # An offline alias is no Hub id: the Hub's copy of the architecture holds other weights (see the card's text).
+    hub_base = None if _packaged_backbone(base_model) is not None else base_model
+    base_tag = [f"base_model:adapter:{hub_base}"] if hub_base else []
     tags = list(dict.fromkeys([*BASE_TAGS, *base_tag, *extra_tags]))
+    repo = repo_id or "path/to/this/adapter"
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=hub_base,
         library_name="peft",
         pipeline_tag="image-classification",
         license=license,
@@ -170,9 +334,22 @@ def render_model_card(
         card_data,
         template_path=str(_template(template_path)),
         model_name=name,
-        base_model=base_model,
-        base_model_class=base_model_class,
-        repo_id=repo_id or "path/to/this/adapter",
+        base_model_text=describe_base_model(base_model),
+        base_model_notes=base_model_notes(base_model),
+        repo_id=repo,
+        load_code=loading_code(
+            base_model,
+            repo,
+            base_model_class=base_model_class,
+            pooling=pooling,
+            image_size=image_size,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        ),
+        input_notes=input_notes(
+            training_config, repo, image_size=image_size, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        if pooling is not None
+        else "",
         adapter_summary=adapter_summary(adapter_config),
         adapter_parameters=f"{adapter_parameters:,}" if adapter_parameters is not None else "",
         training_config_yaml=yaml.safe_dump(dict(training_config), sort_keys=False)

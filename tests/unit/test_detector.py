@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,14 +15,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from recipe_fixtures import save_tiny_clip  # noqa: E402
+from tiny_backbones import save_packaged_like_clip  # noqa: E402
 
-import peft_masm  # noqa: E402
 from peft_masm import BaseModelMismatchError, MASMConfig  # noqa: E402
 from peft_masm.detector import (  # noqa: E402
     ID2LABEL,
     BackboneNotAvailableError,
     build_detector,
-    card_base_model,
+    load_base_classifier,
     load_detector,
     predict_proba,
     save_detector,
@@ -98,12 +102,6 @@ def test_unreachable_hub_ids_give_clear_errors(tiny, monkeypatch, tmp_path):
         build_detector("nobody-org/no-such-backbone")
 
 
-def test_card_base_model_maps_aliases():
-    assert card_base_model("clip-vit-b16") == "openai/clip-vit-base-patch16"
-    assert card_base_model("org/model") == "org/model"
-    assert hasattr(peft_masm, "MASMConfig")
-
-
 def test_lora_baseline_detector(tiny, tmp_path):
     from peft import LoraConfig
 
@@ -157,3 +155,50 @@ def test_building_and_loading_a_detector_prints_no_future_warning(tiny, tmp_path
         model = build_detector(str(tiny))
         save_detector(model, tmp_path / "det")
         load_detector(tmp_path / "det")
+
+
+@contextmanager
+def load_reports() -> Iterator[list[str]]:
+    """The load reports transformers shows (those that pass the filters of its ``modeling_utils`` logger)."""
+    shown: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "LOAD REPORT" in record.getMessage():
+                shown.append(record.getMessage())
+
+    logger, handler = logging.getLogger("transformers.modeling_utils"), Keep()
+    logger.addHandler(handler)
+    try:
+        yield shown
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_no_load_report_or_hub_lookup_for_the_detector_head(tmp_path, monkeypatch):
+    """Issue 26.11: building, saving and loading a detector on a packaged backbone printed transformers'
+    "classifier MISSING ... Consider training" (the head is trained, or comes from the adapter) and, at every save,
+    PEFT's Hub look-up of the alias ("Could not find a config file in clip-vit-b16")."""
+    monkeypatch.setenv("PEFT_MASM_CACHE", str(tmp_path / "cache"))
+    save_packaged_like_clip(tmp_path / "cache")
+    with load_reports() as shown, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_detector("clip-vit-b16", MASMConfig(num_subspaces=1, subspace_rank=1))
+        save_detector(model, tmp_path / "det")
+        load_detector(tmp_path / "det")
+    assert shown == []
+    peft_warnings = [str(w.message) for w in caught if "clip-vit-b16" in str(w.message)]
+    assert peft_warnings == []
+
+
+def test_a_load_report_about_the_backbone_is_still_shown(tmp_path):
+    """Only the report about the new head is held back: a backbone weight missing from the checkpoint shows."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_packaged_like_clip(tmp_path / "cache")
+    weights = load_file(folder / "model.safetensors")
+    del weights["vision_model.post_layernorm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with load_reports() as shown:
+        load_base_classifier(str(folder))
+    assert len(shown) == 1 and "post_layernorm.weight" in shown[0] and "classifier.weight" in shown[0]
