@@ -172,13 +172,19 @@ def _score_one(
 
 
 def detect(
-    adapter: str, inputs: list[str], frames: int = 8, face_detector: str | None = None, batch_size: int = 16
+    adapter: str,
+    inputs: list[str],
+    frames: int = 8,
+    face_detector: str | None = None,
+    batch_size: int = 16,
+    base_model: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score every input: ``{"path", "type", "fake_probability", "frames", "faces_found",
     "face_detection", "warning", "error"}`` per image or video.
 
     ``warning`` says when no face was found (those frames are scored whole). A file that cannot be read
     gets ``error`` (its message) and ``fake_probability`` None; the other inputs are still scored.
+    ``base_model`` overrides the base named in the adapter's config (needed when it names none).
     """
     import cv2
     import torch
@@ -191,7 +197,7 @@ def detect(
     items = collect_inputs(inputs)
     folder = resolve_adapter(adapter)
     with _quiet_head_report(Path(folder)):
-        model, processor = load_detector(str(folder))
+        model, processor = load_detector(str(folder), base_model=base_model)
     training_config = read_training_config(folder)
     crop = _face_fn(training_config, face_detector)
     face_detection = face_detector != "none"  # as in _face_fn: only an explicit "none" switches it off
@@ -276,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threshold", type=_probability, default=0.5, help="verdict threshold on p(fake), in [0, 1]"
     )
+    parser.add_argument(
+        "--base-model",
+        "--base_model",
+        dest="base_model",
+        default=None,
+        help="the backbone the adapter was trained on (Hub id, folder or offline alias); default: the one in its "
+        "adapter_config.json, which an adapter built on a model made from a config does not name",
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, videos or folders")
     args = parser.parse_args(argv)
     if args.frames < 1:
@@ -290,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         items, skipped = scan_inputs(args.inputs)
         _print_skipped(skipped)
         files = [str(path) for path, _ in items]
-        results = detect(args.adapter, files, frames=args.frames, face_detector=args.face_detector)
+        results = detect(
+            args.adapter,
+            files,
+            frames=args.frames,
+            face_detector=args.face_detector,
+            base_model=args.base_model,
+        )
     except (
         FileNotFoundError,
         ValueError,

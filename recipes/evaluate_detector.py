@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpWithDefaults)
     parser.add_argument("--adapter", required=True, help="adapter folder or Hub id")
     parser.add_argument(
+        "--base_model",
+        default=None,
+        help="the backbone the adapter was trained on (Hub id, folder or offline alias); default: the one its "
+        "adapter_config.json names",
+    )
+    parser.add_argument(
         "--config", help="a training config: its test_sets (and synthetic benchmark) are used"
     )
     parser.add_argument("--test", action="append", default=[], help="[NAME=]KIND:PATH (repeatable)")
@@ -91,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     args = parser.parse_args(argv)
 
+    from peft_masm import BaseModelMismatchError
     from peft_masm.data import DataError
-    from peft_masm.detector import BackboneNotAvailableError
+    from peft_masm.detector import BackboneNotAvailableError, BaseModelNotRecordedError
     from peft_masm.hub import AdapterNotAvailableError
 
     try:
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         from peft_masm.detector import load_detector
 
-        model, processor = load_detector(args.adapter)
+        model, processor = load_detector(args.adapter, base_model=args.base_model)
         from peft_masm.recipe.data import build_data, load_test_set
 
         sets, subsets = {}, {}
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         AdapterNotAvailableError,
         BackboneNotAvailableError,
+        BaseModelNotRecordedError,
+        BaseModelMismatchError,
         FileNotFoundError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
