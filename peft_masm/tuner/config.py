@@ -12,7 +12,7 @@ from typing import Any, Literal, cast
 from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
-from .files import check_adapter_weights_complete
+from .files import AdapterWeightsNotFoundError, check_adapter_weights_complete, missing_weights_message
 from .registration import masm_peft_type
 from .version import __version__
 
@@ -354,7 +354,18 @@ class MASMConfig(PeftConfig):
         # Not a dataclass field, so never saved: tells the tuner this config describes a saved adapter, whose
         # base_model_type is a fact to check rather than a value to fill in.
         setattr(config, "loaded_from", str(pretrained_model_name_or_path))  # noqa: B010
+        # A config may be read alone, so a folder without weights is refused only when an adapter is loaded from it
+        # (check_weights_to_load), before PEFT takes the folder for a Hub id.
+        setattr(config, "missing_weights", missing_weights_message(folder))  # noqa: B010
         return config
+
+    def check_weights_to_load(self) -> None:
+        """Raise :class:`AdapterWeightsNotFoundError`, naming the missing file, when this config was read from a local
+        adapter folder without its weight file and an adapter is injected from it to load its weights (inference
+        mode: ``PeftModel.from_pretrained``, ``load_adapter``). Called by ``MASMModel.inject_adapter``."""
+        missing = getattr(self, "missing_weights", None)
+        if missing and self.inference_mode:
+            raise AdapterWeightsNotFoundError(missing)
 
     @property
     def total_rank(self) -> int:

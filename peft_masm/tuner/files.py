@@ -19,12 +19,18 @@ class IncompleteAdapterFileError(ValueError):
 
 
 class AdapterWeightsNotFoundError(FileNotFoundError):
-    """A local adapter folder holds ``adapter_config.json`` but no weight file beside it."""
+    """An adapter is being loaded from a local folder that holds ``adapter_config.json`` but no weight file."""
 
 
-def missing_weights_message(folder: str | os.PathLike) -> str:
-    """The one-line error for an adapter folder without its weight file, listing what the folder holds."""
+def missing_weights_message(folder: str | os.PathLike) -> str | None:
+    """The one-line error for a local adapter folder that holds ``adapter_config.json`` but no weight file (PEFT
+    would take the folder for a Hub id and fail on that instead), listing what it holds; ``None`` for any other
+    folder or name."""
     folder = os.path.normpath(os.fspath(folder))
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) or any(
+        os.path.isfile(os.path.join(folder, name)) for name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+    ):
+        return None
     names = sorted(os.listdir(folder))
     held = ", ".join(names[:8]) + (f", ... ({len(names)} files)" if len(names) > 8 else "")
     return (
@@ -68,18 +74,12 @@ def check_adapter_weights_complete(
 ) -> None:
     """Check the adapter weights in a local ``folder``, or in the Hub cache for ``repo_id`` when already downloaded.
 
-    A local folder whose config has no weight file beside it raises :class:`AdapterWeightsNotFoundError` (PEFT
-    would take the folder for a Hub id and fail on that instead). Files not on disk yet are left to the download,
-    which checks them itself.
+    Files not on disk yet are left to the download, which checks them itself.
     """
     local = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(local):
         check_safetensors_complete(local)
         return
-    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) and not os.path.isfile(
-        os.path.join(folder, PICKLE_WEIGHTS_NAME)
-    ):
-        raise AdapterWeightsNotFoundError(missing_weights_message(folder))
     if repo_id is None or os.path.isdir(repo_id):
         return
     filename = f"{subfolder}/{WEIGHTS_NAME}" if subfolder else WEIGHTS_NAME

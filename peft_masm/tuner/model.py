@@ -60,6 +60,7 @@ class MASMModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject MASM layers; a trainable adapter is decomposed at once, a loaded one never is."""
+        self.peft_config[adapter_name].check_weights_to_load()
         self._check_model_type(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._forget_layers()  # an existing MASM layer may have gained this adapter without being replaced

@@ -127,7 +127,7 @@ def test_truncated_weights_name_the_file(tmp_path):
         PeftModel.from_pretrained(_vit(), folder)
 
 
-@pytest.mark.parametrize("form", ["absolute", "path", "relative"])
+@pytest.mark.parametrize("form", ["absolute", "path", "relative", "load_adapter"])
 def test_a_folder_without_its_weights_names_the_missing_file(tmp_path, monkeypatch, form):
     """Issue 26: was HFValidationError about repo ids (absolute path), or, offline, LocalEntryNotFoundError
     about disabled outgoing traffic (a relative name, which is also a valid Hub id)."""
@@ -137,14 +137,27 @@ def test_a_folder_without_its_weights_names_the_missing_file(tmp_path, monkeypat
     (folder / "adapter_model.safetensors").unlink()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network, fixed or not
     monkeypatch.chdir(tmp_path)
-    where = {"absolute": str(folder), "path": folder, "relative": "adapter"}[form]
+    where = {"absolute": str(folder), "path": folder, "relative": "adapter", "load_adapter": folder}[form]
     with pytest.raises(FileNotFoundError) as info:
-        PeftModel.from_pretrained(_vit(), where)
+        if form == "load_adapter":
+            get_peft_model(_vit(), MASMConfig(num_subspaces=2, subspace_rank=2)).load_adapter(where, "second")
+        else:
+            PeftModel.from_pretrained(_vit(), where)
     message = str(info.value)
     assert isinstance(info.value, peft_masm.tuner.files.AdapterWeightsNotFoundError)
     assert "has no adapter_model.safetensors (it holds: README.md, adapter_config.json)" in message
     assert f"The adapter folder {'adapter' if form == 'relative' else folder} has no" in message
     assert "copy adapter_model.safetensors into that folder, or save the adapter again" in message
+
+
+def test_a_config_saved_alone_still_reads_and_starts_a_new_adapter(tmp_path):
+    """The missing-weights error is for loading an adapter: a config on its own is still a config."""
+    MASMConfig(num_subspaces=2, subspace_rank=2, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    config = MASMConfig.from_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).num_subspaces == 2
+    config.inference_mode = False  # saved in inference mode; a new adapter trains
+    model = get_peft_model(_vit(), config)
+    assert model.base_model.decompose() == 0  # decomposed at injection: a new adapter, nothing to load
 
 
 def test_an_adapter_saved_in_peft_s_pickle_format_still_loads(tmp_path, pixels):
