@@ -553,20 +553,30 @@ def stacked_regularization_terms(layers: Sequence[MASMLayer], adapter_name: str)
 def stacked_fit_bound(layers: Sequence[MASMLayer], adapter_name: str) -> torch.Tensor:
     """Project every subspace of these same-shape layers that outgrew ``fit_bound * rho`` back onto the bound
     (its ``s_j`` scaled down, directions kept) in a handful of batched ops; returns how many were limited
-    (a 0-d tensor on the layers' device: no sync). A limited subspace trains on as before; nothing is frozen."""
+    (a 0-d tensor on the layers' device: no sync). A limited subspace trains on as before; nothing is frozen.
+    With ``train_factors="vectors"`` (``masm_s`` frozen) ``U_j`` and ``V_j`` are scaled instead, by the square
+    root each: a frozen factor is never written."""
     first = layers[0]
     rank = first.masm_subspace_rank[adapter_name]
     stack = _stack_factors(layers, adapter_name)
     limits = first.masm_fit_bound[adapter_name] * _reference_scales(layers, adapter_name, stack.s)[:, None]
     scales = regularizers.fit_bound_scales(stack.U, stack.s, stack.V, rank, limits)  # (L, K)
     per_column = scales.repeat_interleave(rank, dim=-1)
+    width = first.block_width(adapter_name)
+    if "masm_s" in first.frozen_peft_weight_names.get(adapter_name, ()):
+        root, limited = per_column.sqrt().unsqueeze(-2), (per_column < 1).unsqueeze(-2)  # (L, 1, T)
+        for factor, values in (("masm_U", stack.U), ("masm_V", stack.V)):
+            # untouched subspaces keep their exact values
+            kept = torch.where(limited, values * root, values)
+            params = [p for layer in layers for p in layer._trainable(factor, adapter_name)]
+            torch._foreach_copy_(params, [block for f in kept.unbind(0) for block in f.split(width, -1)])
+        return (scales < 1).sum()
     if stack.units is None:
         scaled = stack.raw_s * per_column
     else:  # scale s_j = s0_j + unit * t_j, and write the offset t_j back
         scaled = (stack.s * per_column - stack.s0) / stack.units
     new = torch.where(per_column < 1, scaled, stack.raw_s)  # untouched subspaces keep their exact values
     params = [p for layer in layers for p in layer._trainable("masm_s", adapter_name)]
-    width = first.block_width(adapter_name)
     pieces = new.unbind(0) if width == new.shape[-1] else new.reshape(-1).split(width)
     torch._foreach_copy_(params, list(pieces))
     return (scales < 1).sum()

@@ -179,6 +179,45 @@ def test_fit_bound_projection_of_the_stack_matches_each_layer_and_leaves_the_res
                 assert torch.equal(p, b)
 
 
+@pytest.mark.parametrize("per_subspace", [False, True], ids=["one-tensor", "per-subspace"])
+def test_fit_bound_with_frozen_singular_values_scales_the_vectors_and_never_writes_s(per_subspace):
+    """train_factors="vectors" freezes masm_s, so the projection shrinks U_j and V_j instead (issue 26: it scaled
+    the frozen s, which PEFT's test_only_params_are_updated caught once the fit bound ran inside every step)."""
+    layout = {"layer_mask": "dynamic", "mask_granularity": "subspace"} if per_subspace else {}
+    config = MASMConfig(num_subspaces=2, subspace_rank=2, train_factors="vectors", **layout)
+    model = get_peft_model(tiny_vit(), config)
+    layers = [m for m in model.modules() if isinstance(m, MASMLayer)]
+
+    def factor(layer, name):
+        return torch.cat(list(getattr(layer, name)["default"]), dim=-1).detach().clone()
+
+    with torch.no_grad():  # subspace 1 of the first layer: 30 x its U columns, 30 x its V columns
+        grown = layers[0].masm_U["default"][1] if per_subspace else layers[0].masm_U["default"][0][:, 2:4]
+        grown.mul_(30.0)
+        grown = layers[0].masm_V["default"][1] if per_subspace else layers[0].masm_V["default"][0][:, 2:4]
+        grown.mul_(30.0)
+    assert float(layers[0].subspace_norms("default")[1]) > 100
+    before = [{name: factor(layer, name) for name in ("masm_U", "masm_s", "masm_V")} for layer in layers]
+    limited = model.base_model.apply_fit_bound()
+    assert int(limited) >= 1
+    for layer, old in zip(layers, before):
+        assert not any(p.requires_grad for p in layer.masm_s["default"])
+        assert torch.equal(factor(layer, "masm_s"), old["masm_s"])  # the frozen factor is never written
+        norms = layer.subspace_norms("default")
+        assert float(norms.max()) <= 1 + 1e-5
+        for j, norm in enumerate(norms.tolist()):
+            cols = slice(2 * j, 2 * j + 2)
+            for name in ("masm_U", "masm_V"):
+                new, was = factor(layer, name)[:, cols], old[name][:, cols]
+                if norm < 1 - 1e-4:
+                    assert torch.equal(new, was)  # under the bound: untouched
+                else:  # on the bound: the same directions, shorter
+                    ratio = new.norm() / was.norm()
+                    assert float(ratio) < 1
+                    torch.testing.assert_close(new, was * ratio)
+    assert float(layers[0].subspace_norms("default")[1]) == pytest.approx(1.0, rel=1e-4)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_subspace_spectral_norms_equal_the_dense_norm_also_for_degenerate_blocks(k):
     from peft_masm.tuner.regularizers import subspace_spectral_norms
