@@ -170,8 +170,10 @@ class MASMConfig(PeftConfig):
         metadata={
             "help": "Scale of the trainable singular values: s_j = s_j0 + subspace_alpha * rho * masm_s_j, rho the "
             "layer's RMS singular value, so a subspace's effective learning rate does not depend on how small its "
-            "starting singular values are (like lora_alpha, it multiplies the adapter's step). None: the raw "
-            "parametrisation, masm_s is s itself (Effort's; adapters saved before peft_masm 0.3 load as None)."
+            "starting singular values are (like lora_alpha, it multiplies the adapter's step). Tuned for Adam, which "
+            "moves s by about subspace_alpha * rho * lr per step; plain SGD moves it by lr * (subspace_alpha * rho)**2 "
+            "* dL/ds, so with SGD lower the learning rate by that square. None: the raw parametrisation, masm_s is s "
+            "itself (Effort's; adapters saved before peft_masm 0.3 load as None)."
         },
     )
     orthogonality_weight: float = field(

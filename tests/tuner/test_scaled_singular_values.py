@@ -63,3 +63,29 @@ def test_an_adapter_config_saved_before_the_scaling_loads_raw(tmp_path):
     saved.pop("subspace_alpha")
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     assert MASMConfig.from_pretrained(tmp_path).subspace_alpha is None
+
+
+def _one_sgd_step_move(alpha: float, lr: float = 1e-3) -> list[torch.Tensor]:
+    """How far one plain-SGD step on ``masm_s`` moves each layer's singular values (from the same start), as
+    ``alpha * rho * (change of masm_s)``: exact, where ``s0 + ...`` would round a small move away."""
+    config = MASMConfig(num_subspaces=2, subspace_rank=2, subspace_alpha=alpha, fit_constraint="none")
+    model = get_peft_model(tiny_vit(), config)
+    layers = [m for m in model.modules() if isinstance(m, MASMLayer)]
+    before = [layer.masm_s["default"][0].detach().clone() for layer in layers]
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "masm_s." in n], lr=lr)
+    torch.manual_seed(0)
+    model(pixel_values=torch.randn(2, 3, 32, 32)).logits.square().sum().backward()
+    optimizer.step()
+    return [
+        layer.singular_value_unit("default") * (layer.masm_s["default"][0].detach() - b)
+        for layer, b in zip(layers, before)
+    ]
+
+
+def test_a_plain_sgd_step_on_s_grows_with_alpha_squared():
+    """Why PEFT's generic SGD tests need a lower lr for MASM (issue 26, item 15): SGD moves s by
+    lr * (alpha * rho)**2 * dL/ds, the square of Adam's alpha * rho * lr, so alpha=100 is 1e4 x alpha=1's step."""
+    small, large = _one_sgd_step_move(1.0), _one_sgd_step_move(100.0)
+    for a, b in zip(small, large):
+        assert float(a.abs().max()) > 0
+        torch.testing.assert_close(b, a * 1e4, rtol=1e-3, atol=0.0)
