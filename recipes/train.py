@@ -15,14 +15,20 @@ optimizer, scheduler and ``accelerator.prepare`` -> resume -> the training loop 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,22 @@ import torch
 from peft_masm.recipe.config import RESUME_WARN_FIELDS, ConfigError, TrainConfig, format_help, load_config
 
 CHECKPOINT_PREFIX = "step_"
-RUN_FILE = "run_config.json"  # in every checkpoint: the run's identity fields and their hash
+RUN_FILE = "run_config.json"  # in every checkpoint: the run's identity fields, their hash and its files
+# Files a run writes directly in output_dir (run_config.json: the JSON tracker's copy of the config).
+RUN_OUTPUTS = frozenset(
+    {"metrics.jsonl", RUN_FILE, "results.json", "results.md", "roc.png", "mask_history.png"}
+)
+ADAPTER_FILES = frozenset(
+    {"adapter_config.json", "adapter_model.safetensors", "README.md", "training_config.yaml",
+     "preprocessor_config.json", "detector_config.json"}
+)  # fmt: skip
+SCRATCH_PREFIXES = (".tmp-", ".old-")  # folders of a save that never finished (the recipe removes them whole)
+TENSORBOARD_DIR = "masm"  # accelerate's TensorBoardTracker logs to logging_dir/<project name>
+# The files accelerator.save_state writes here, for checkpoints whose RUN_FILE does not list its files (before 0.3).
+LEGACY_CHECKPOINT_FILE = re.compile(
+    r"adapter_state\.safetensors|(model|pytorch_model|optimizer|scheduler|sampler|random_states|"
+    r"custom_checkpoint|scaler)(_\d+)?\.(bin|pkl|pt|safetensors)"
+)
 
 
 # --------------------------------------------------------------------------------------------- tracking
@@ -80,29 +101,82 @@ def make_trackers(cfg: TrainConfig) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------- output folder
-def prepare_output_dir(cfg: TrainConfig, clear: bool) -> None:
-    """Refuse a non-empty ``output_dir`` unless resuming or ``--overwrite_output_dir`` (transformers' rule).
+def outputs_to_replace(cfg: TrainConfig) -> list[Path]:
+    """What ``--overwrite_output_dir`` removes: the earlier run's outputs (none when the folder is empty or
+    the run resumes). A non-empty ``output_dir`` is refused without the flag (transformers' rule).
 
-    With ``overwrite_output_dir`` the old run's checkpoints and logs are removed first (by the process
-    given ``clear=True``), so that neither checkpoint rotation nor ``--resume_from_checkpoint latest`` can
-    mix the two runs.
+    Removing the old run means neither checkpoint rotation nor ``--resume_from_checkpoint latest`` can mix
+    two runs. Only files this recipe wrote are removed: any other file raises :class:`ConfigError`
+    naming it, before anything is deleted.
     """
     out = Path(cfg.output_dir)
     if not out.exists() or not any(out.iterdir()) or cfg.resume_from_checkpoint:
-        return
+        return []
     if not cfg.overwrite_output_dir:
         raise ConfigError(
             f"output_dir {out} already holds files (an earlier run?). Pass --overwrite_output_dir to replace that "
             "run, --resume_from_checkpoint latest to continue it, or choose another --output_dir."
         )
-    if not clear:
-        return
-    for name in ("checkpoints", "adapter", "metrics.jsonl", "run_config.json", "results.json", "results.md"):
-        path = out / name
+    return earlier_run_outputs(out)
+
+
+def earlier_run_outputs(out: Path) -> list[Path]:
+    """The entries of ``out`` an earlier run of this recipe wrote; raises if any file in them is not its own."""
+    owned = []
+    for entry in sorted(out.iterdir()):
+        if entry.is_file() and entry.name in RUN_OUTPUTS:
+            owned.append(entry)
+        elif entry.is_dir() and entry.name in ("checkpoints", "adapter", TENSORBOARD_DIR):
+            for folder, allowed in _own_files(entry):
+                _check_files(folder, allowed)
+            owned.append(entry)
+        elif entry.is_dir() and entry.name.startswith(SCRATCH_PREFIXES):
+            owned.append(entry)
+        else:
+            _check_files(entry, lambda rel: False)  # an empty folder passes, and stays
+    return owned
+
+
+def _own_files(entry: Path) -> list[tuple[Path, Callable[[str], bool]]]:
+    """(folder, which of its files, by relative path, the recipe writes there) for an output folder."""
+    if entry.name == "adapter":
+        return [(entry, ADAPTER_FILES.__contains__)]
+    if entry.name == TENSORBOARD_DIR:
+        return [(entry, lambda rel: Path(rel).name.startswith("events.out.tfevents."))]
+    parts: list[tuple[Path, Callable[[str], bool]]] = []
+    for folder in sorted(entry.iterdir()):  # checkpoints/
+        if folder.is_dir() and folder.name.startswith(SCRATCH_PREFIXES):
+            continue
+        parts.append((folder, _checkpoint_files(folder) if folder.is_dir() else lambda rel: False))
+    return parts
+
+
+def _checkpoint_files(folder: Path) -> Callable[[str], bool]:
+    """Which files of ``folder`` its run file lists (nothing when it has none: not this recipe's)."""
+    run = _checkpoint_run(folder)
+    if not run:
+        return lambda rel: False
+    if "files" not in run:
+        return lambda rel: rel == RUN_FILE or LEGACY_CHECKPOINT_FILE.fullmatch(rel) is not None
+    return {RUN_FILE, *run["files"]}.__contains__
+
+
+def _check_files(path: Path, allowed: Callable[[str], bool]) -> None:
+    files = sorted(p for p in path.rglob("*") if not p.is_dir()) if path.is_dir() else [path]
+    for file in files:
+        if not allowed(file.relative_to(path).as_posix() if path.is_dir() else file.name):
+            raise ConfigError(
+                f"output_dir: {file} was not written by this recipe, so --overwrite_output_dir stops here and "
+                "deletes nothing. Move that file away, or choose another --output_dir."
+            )
+
+
+def remove_outputs(paths: list[Path]) -> None:
+    for path in paths:
         if path.is_dir():
             shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        else:
+            path.unlink(missing_ok=True)
 
 
 def run_hash(cfg: TrainConfig) -> str:
@@ -150,6 +224,48 @@ def check_checkpoint_belongs(path: Path, cfg: TrainConfig, log: Any) -> None:
             f"resuming with {key} {before.get(key)!r} -> {current.get(key)!r}", UserWarning, stacklevel=2
         )
         log(f"warning: resuming with {key} {before.get(key)!r} -> {current.get(key)!r}")
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (and SIGTERM) until the block is done, so that a save is never left half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def interrupted_message(cfg: TrainConfig, state: Any) -> str:
+    """The one line printed when the run is interrupted: where it was, and where a resume starts."""
+    done = list_checkpoints(Path(cfg.output_dir) / "checkpoints", only_hash=run_hash(cfg))
+    start = f"from checkpoint {done[-1].name}" if done else "no checkpoint yet: it starts over"
+    return f"interrupted at step {state.global_step}; resume with --resume_from_checkpoint latest ({start})"
+
+
+def run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """``training_function``; on Ctrl-C or SIGTERM one line on stderr instead of a traceback, and None."""
+    state = TrainState()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `accelerate launch` terminates its child
+    try:
+        return training_function(cfg, state)
+    except KeyboardInterrupt:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C cannot turn this into a traceback
+    gc.collect()  # the run's frames are gone: its progress bar has closed on its own line
+    if _is_main_process():
+        print(interrupted_message(cfg, state), file=sys.stderr)
+    return None
 
 
 # -------------------------------------------------------------------------------------------- state
@@ -221,7 +337,15 @@ def load_adapter_state(accelerator: Any, adapter_only: bool, models: list, input
 
 
 def save_checkpoint(accelerator: Any, state: TrainState, cfg: TrainConfig) -> Path:
-    """``accelerator.save_state`` into a temporary folder, renamed when complete; rotates this run's checkpoints."""
+    """``accelerator.save_state`` into a temporary folder, renamed when complete; rotates this run's checkpoints.
+
+    Ctrl-C waits until the checkpoint is complete.
+    """
+    with interrupts_held():
+        return _save_checkpoint(accelerator, state, cfg)
+
+
+def _save_checkpoint(accelerator: Any, state: TrainState, cfg: TrainConfig) -> Path:
     root = Path(cfg.output_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{state.global_step}"
     tmp = root / f".tmp-{final.name}"
@@ -233,7 +357,8 @@ def save_checkpoint(accelerator: Any, state: TrainState, cfg: TrainConfig) -> Pa
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        identity = {"hash": run_hash(cfg), "identity": cfg.run_identity()}
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
+        identity = {"hash": run_hash(cfg), "identity": cfg.run_identity(), "files": files}
         (tmp / RUN_FILE).write_text(json.dumps(identity, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)
@@ -265,8 +390,11 @@ def resolve_resume(cfg: TrainConfig, log: Any) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ training
-def training_function(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the recipe; returns a summary (paths, best validation metric, test results)."""
+def training_function(cfg: TrainConfig, state: TrainState | None = None) -> dict[str, Any]:
+    """Run the recipe; returns a summary (paths, best validation metric, test results).
+
+    ``state`` (optional) is the progress object the run fills in, so a caller can say where it stopped.
+    """
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from torch.utils.data import DataLoader
@@ -292,7 +420,10 @@ def training_function(cfg: TrainConfig) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     log = accelerator.print
-    prepare_output_dir(cfg, clear=accelerator.is_main_process)
+    replaced = outputs_to_replace(cfg)  # every process checks: a file that is not ours stops them all
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_outputs(replaced)
     accelerator.wait_for_everyone()
     resume_path = resolve_resume(cfg, log)
     if resume_path is None and accelerator.is_main_process:
@@ -332,13 +463,16 @@ def training_function(cfg: TrainConfig) -> dict[str, Any]:
     )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
+    # The scheduler counts the steps of all processes together (accelerate steps it once per process).
+    scheduler_steps = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps) * cfg.epochs
+    scheduler = make_scheduler(cfg, optimizer, scheduler_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(
         peft_model, optimizer, train_loader, scheduler
     )
-    state = TrainState()
+    # This process's optimizer steps: the prepared loader holds its share of the batches.
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    state = TrainState() if state is None else state
     accelerator.register_for_checkpointing(state)
     if masm is not None:
         accelerator.register_for_checkpointing(masm.layer_mask)
@@ -430,9 +564,10 @@ def training_function(cfg: TrainConfig) -> dict[str, Any]:
         if improved:
             state.best_metric, state.best_epoch = float(metric), state.epoch
             if accelerator.is_main_process:
-                save_detector(accelerator.unwrap_model(model), adapter_dir, image_processor=processor,
-                              training_config=cfg.to_dict(), synthetic_benchmark=cfg.data == "synthetic",
-                              repo_id=cfg.hub_model_id)  # fmt: skip
+                with interrupts_held():
+                    save_detector(accelerator.unwrap_model(model), adapter_dir, image_processor=processor,
+                                  training_config=cfg.to_dict(), synthetic_benchmark=cfg.data == "synthetic",
+                                  repo_id=cfg.hub_model_id)  # fmt: skip
         accelerator.wait_for_everyone()
         state.epoch += 1
         state.step_in_epoch = 0
@@ -474,27 +609,43 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, data: Any, processor: Any, 
     if masm is not None and cfg.plot_mask and masm.peft_config["default"].layer_mask != "none":
         from peft_masm.visualization import plot_mask_history
 
-        written["mask_plot"] = str(plot_mask_history(model, out_dir / "mask_history.png"))
+        with interrupts_held():
+            written["mask_plot"] = str(plot_mask_history(model, out_dir / "mask_history.png"))
     set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     results = None
     if data.tests:
         log("scoring the best-on-validation adapter on the test sets:")
-        results = score_sets(model, data.tests, out_dir, cfg.eval_batch_size, cfg.n_bootstrap, cfg.seed, log=log,
-                             subsets=data.test_subsets)  # fmt: skip
+        results = score_into(out_dir, partial(score_sets, model, data.tests, batch_size=cfg.eval_batch_size,
+                             n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, log=log, subsets=data.test_subsets))  # fmt: skip
         written.update(
             results_json=str(out_dir / "results.json"),
             results_md=str(out_dir / "results.md"),
             roc_plot=str(out_dir / "roc.png"),
             results=results,
         )
-    save_detector(model, adapter_dir, image_processor=processor, training_config=cfg.to_dict(),
-                  eval_results=results, synthetic_benchmark=cfg.data == "synthetic", repo_id=cfg.hub_model_id)  # fmt: skip
+    with interrupts_held():
+        save_detector(model, adapter_dir, image_processor=processor, training_config=cfg.to_dict(),
+                      eval_results=results, synthetic_benchmark=cfg.data == "synthetic", repo_id=cfg.hub_model_id)  # fmt: skip
     written["model_card"] = str(adapter_dir / "README.md")
     if cfg.push_to_hub:
         assert cfg.hub_model_id is not None  # checked when the config was parsed
         written["hub_commit"] = push_detector_to_hub(adapter_dir, cfg.hub_model_id, private=cfg.hub_private)
         log(f"pushed the adapter to {cfg.hub_model_id}: {written['hub_commit']}")
     return written
+
+
+def score_into(out_dir: Path, score: Callable[..., Any]) -> Any:
+    """``score(out_dir=...)`` in a scratch folder, its files moved into ``out_dir`` when all are written."""
+    scratch = out_dir / ".tmp-results"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        results = score(out_dir=scratch)
+        with interrupts_held():
+            for file in sorted(scratch.iterdir()):
+                file.replace(out_dir / file.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -533,10 +684,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         cfg = load_config(config_path, overrides)
-        summary = training_function(cfg)
+        summary = run(cfg)
+        if summary is None:
+            return 130  # interrupted (Ctrl-C), as a shell reports it
     except (ConfigError, DataError, BackboneNotAvailableError, AdapterPushError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while the config is read (run() reports one during the run)
+        print("interrupted before training started", file=sys.stderr)
+        return 130
     except ValueError as err:  # a bad adapter setting found at injection (e.g. K*k above a layer's rank)
         if "MASM" not in str(err) and "K*k" not in str(err):
             raise

@@ -141,7 +141,10 @@ class TrainConfig:
     mask_calibration_batches: int = _f(8, "Batches of the static layer mask's calibration pass.")
     # bookkeeping
     output_dir: str = _f("outputs/run", "Where the adapter, checkpoints and results go.")
-    overwrite_output_dir: bool = _f(False, "Allow a non-empty output_dir (its old checkpoints are removed).")
+    overwrite_output_dir: bool = _f(
+        False,
+        "Replace the earlier run in output_dir: only its files are removed; any other file stops the run.",
+    )
     checkpointing_steps: int | None = _f(None, "Checkpoint every N optimizer steps (and at every epoch end).")
     checkpoints_total_limit: int | None = _f(2, "Keep at most this many of this run's checkpoints.")
     resume_from_checkpoint: str | None = _f(None, "A checkpoint folder of this run, or 'latest'.")

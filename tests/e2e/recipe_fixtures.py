@@ -129,3 +129,14 @@ def env(**extra: str) -> dict[str, str]:
     )
     e.update(extra)
     return e
+
+
+def load_train_module():
+    """recipes/train.py imported as a module (its helpers: run_hash, list_checkpoints, outputs_to_replace, ...)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_recipe", RECIPES / "train.py")
+    assert spec is not None and spec.loader is not None
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return train

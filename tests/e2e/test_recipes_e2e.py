@@ -6,12 +6,25 @@ The model is a tiny random CLIP and the data tiny synthetic image folders, both 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from recipe_fixtures import ACCELERATE, PYTHON, RECIPES, env, make_image_folder, save_tiny_clip, write_config
+from recipe_fixtures import (
+    ACCELERATE,
+    PYTHON,
+    RECIPES,
+    env,
+    load_train_module,
+    make_image_folder,
+    save_tiny_clip,
+    write_config,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -27,14 +40,18 @@ def _run(args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env())
 
 
-def _train(cfg: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+def _launch(processes: int = 1) -> list[str]:
     if processes == 1:
         launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "1"]
     else:  # several CPU processes: torch's launcher + Accelerator(cpu=True) (accelerate's --cpu needs mpirun)
         launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes)]
+    return [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _train(cfg: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    if processes > 1:
         extra = (*extra, "--cpu", "true")
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = _run([*launch, str(RECIPES / "train.py"), "--config", str(cfg), *extra])
+    result = _run([*_launch(processes), str(RECIPES / "train.py"), "--config", str(cfg), *extra])
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -77,6 +94,9 @@ def test_train_evaluate_detect(assets, tmp_path):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_12", "step_6"]
     assert not list((out / "checkpoints").rglob("model*.safetensors"))
+    # --overwrite_output_dir recognises every file of this run as its own (issue 26.3)
+    replaced = load_train_module().earlier_run_outputs(out)
+    assert sorted(replaced) == sorted(out.iterdir())
 
     ev = _run(
         [
@@ -120,18 +140,37 @@ def test_two_processes(assets, tmp_path):
     clip, data = assets
     out = tmp_path / "ddp"
     cfg = write_config(tmp_path / "cfg.yaml", clip, data, out, epochs=1)
-    _train(cfg, processes=2)
+    result = _train(cfg, processes=2)
     # 48 training images, batch 8 per process, 2 processes: 3 optimizer steps per epoch
     assert [r["step"] for r in _val_lines(out)] == [3]
+    # each process announces and counts its own steps (issue 26.13: "6 optimizer steps", bar stopped at 3/6)
+    assert "training 1 epoch(s), 3 optimizer steps each, on 2 process(es)" in result.stdout
+    assert re.search(r"100%\|[^|\n]*\| 3/3 ", result.stderr), result.stderr[-2000:]
     assert (out / "adapter" / "README.md").is_file() and (out / "results.json").is_file()
     state = load_file(str(out / "checkpoints" / "step_3" / "adapter_state.safetensors"))
     assert any("masm_mask" in k for k in state)
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(assets, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory) -> Path:
+    """The output folder of a run of the tiny recipe that nothing stopped."""
     clip, data = assets
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    _train(write_config(tmp_path / "full.yaml", clip, data, full, checkpointing_steps=2))
+    root = tmp_path_factory.mktemp("uninterrupted")
+    _train(write_config(root / "full.yaml", clip, data, root / "full", checkpointing_steps=2))
+    return root / "full"
+
+
+def _same_adapter(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(assets, uninterrupted, tmp_path):
+    clip, data = assets
+    full, cut = uninterrupted, tmp_path / "cut"
     cfg = write_config(tmp_path / "cut.yaml", clip, data, cut, checkpointing_steps=2)
     stopped = _train(cfg, "--stop_after_step", "5")
     assert "stopped after step 5" in stopped.stdout
@@ -140,12 +179,49 @@ def test_resume_after_interruption_equals_uninterrupted_run(assets, tmp_path):
     (cut / "checkpoints" / ".tmp-step_7").mkdir()
     resumed = _train(cfg, "--resume_from_checkpoint", "latest")
     assert "resumed from" in resumed.stdout and "step_5" in resumed.stdout
-    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+    _same_adapter(full, cut)
     assert _val_lines(full) == _val_lines(cut)
+
+
+def _interrupt_during_a_save(cfg: Path, out: Path) -> subprocess.CompletedProcess:
+    """Start the recipe as `accelerate launch` does, and press Ctrl-C (SIGINT to the launcher and the
+    training process, as a terminal does) while a checkpoint is being written."""
+    args = [*_launch(), str(RECIPES / "train.py"), "--config", str(cfg)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)  # fmt: skip
+    root, deadline = out / "checkpoints", time.monotonic() + 300
+    while not (root / "step_2").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while not list(root.glob(".tmp-*")) and time.monotonic() < deadline:  # a save under way
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_only_whole_checkpoints(assets, uninterrupted, tmp_path):
+    """Issue 26.9: Ctrl-C printed a 93-line KeyboardInterrupt traceback."""
+    clip, data = assets
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", clip, data, out, checkpointing_steps=1)
+    result = _interrupt_during_a_save(cfg, out)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr[
+        -3000:
+    ]
+    said = [line for line in result.stderr.splitlines() if "interrupted" in line]
+    assert len(said) == 1 and re.fullmatch(
+        r"interrupted at step \d+; resume with --resume_from_checkpoint latest \(from checkpoint step_\d+\)",
+        said[0],
+    ), said
+    assert not list(out.rglob(".tmp-*"))
+    for ckpt in (out / "checkpoints").iterdir():
+        files = json.loads((ckpt / "run_config.json").read_text())["files"]
+        assert sorted(p.name for p in ckpt.iterdir()) == sorted([*files, "run_config.json"])
+    resumed = _train(cfg, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in resumed.stdout
+    _same_adapter(uninterrupted, out)
 
 
 @pytest.mark.parametrize(
