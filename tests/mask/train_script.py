@@ -85,6 +85,8 @@ for x, y in loader:
             if accelerator.sync_gradients and args.loop == "explicit":
                 masm.update_layer_mask()
             optimizer.step()
+            if accelerator.sync_gradients and args.loop == "explicit":
+                masm.apply_fit_bound()
             optimizer.zero_grad()
     if accelerator.sync_gradients:
         step += 1
