@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from .tuner import (
+    AdapterWeightsNotFoundError,
     BaseModelMismatchError,
     IncompleteAdapterFileError,
     LayerMaskController,
@@ -24,6 +25,7 @@ from .tuner import (
 from .tuner.version import __version__ as __version__
 
 __all__ = [
+    "AdapterWeightsNotFoundError",
     "BaseModelMismatchError",
     "IncompleteAdapterFileError",
     "LayerMaskController",

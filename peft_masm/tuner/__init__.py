@@ -17,7 +17,7 @@ from .config import (
     default_target_modules,
     register_save_hook,
 )
-from .files import IncompleteAdapterFileError
+from .files import AdapterWeightsNotFoundError, IncompleteAdapterFileError
 from .layer import BaseModelMismatchError, Linear, MASMLayer
 from .mask import LayerMaskController
 from .model import MASMModel
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_ATTENTION_TARGETS",
     "DEFAULT_MLP_TARGETS",
     "BaseModelMismatchError",
+    "AdapterWeightsNotFoundError",
     "IncompleteAdapterFileError",
     "LayerMaskController",
     "Linear",
