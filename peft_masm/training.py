@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .tuner import MASMModel
-from .tuner.step_hooks import NonFiniteLossError, add_regularizer_gradient, check_finite_gradients
+from .tuner.step_hooks import NonFiniteLossError, StepState, add_regularizer_gradient, check_finite_gradients
 
 __all__ = [
     "NonFiniteLossError",
@@ -130,7 +130,8 @@ class TrainingStep:
             self.masm.step_state.on_non_finite = on_non_finite
         self.after_optimizer_step = after_optimizer_step
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self._steps = 0  # taken optimizer steps of a non-MASM adapter (MASM counts in its step_state)
+        # The one count of taken optimizer steps: the MASM model's own, or (any other adapter) this step's.
+        self.step_state = self.masm.step_state if self.masm is not None else StepState()
 
     @property
     def hooks(self) -> bool:
@@ -139,8 +140,8 @@ class TrainingStep:
 
     @property
     def optimizer_steps(self) -> int:
-        """The number of taken optimizer steps (for MASM: ``model.base_model.step_state.num_steps``)."""
-        return self.masm.step_state.num_steps if self.masm is not None else self._steps
+        """The number of taken optimizer steps (``step_state.num_steps``; for MASM the model's own count)."""
+        return self.step_state.num_steps
 
     def loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, task, regularisation terms)`` for ``batch`` (terms only where the loss carries them)."""
@@ -189,7 +190,7 @@ class TrainingStep:
         if self.masm is not None:
             self.masm.update_layer_mask()  # with step_hooks=False it also advances the step count
         else:
-            self._steps += 1
+            self.step_state.num_steps += 1
         return True
 
     def __call__(self, batch: Any) -> StepOutput:

@@ -31,11 +31,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from peft_masm.recipe.config import RESUME_WARN_FIELDS, ConfigError, TrainConfig, format_help, load_config
+
+if TYPE_CHECKING:
+    from peft_masm.tuner.step_hooks import StepState
 
 CHECKPOINT_PREFIX = "step_"
 RUN_FILE = "run_config.json"  # in every checkpoint: the run's identity fields, their hash and its files
@@ -270,17 +273,24 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
 
 # -------------------------------------------------------------------------------------------- state
 class TrainState:
-    """Progress saved with every checkpoint (accelerate's ``register_for_checkpointing``)."""
+    """Progress saved with every checkpoint (accelerate's ``register_for_checkpointing``). The step count is not
+    kept here: ``global_step`` reads the training step's one count (for MASM the model's ``step_state``), which is
+    registered for checkpointing on its own."""
 
     def __init__(self) -> None:
-        self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+        self.steps: StepState | None = None
+
+    @property
+    def global_step(self) -> int:
+        """Taken optimizer steps so far."""
+        return 0 if self.steps is None else self.steps.num_steps
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if k != "steps"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
@@ -473,9 +483,6 @@ def training_function(cfg: TrainConfig, state: TrainState | None = None) -> dict
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     state = TrainState() if state is None else state
-    accelerator.register_for_checkpointing(state)
-    if masm is not None:
-        accelerator.register_for_checkpointing(masm.layer_mask)
     adapter_only = accelerator.distributed_type != DistributedType.FSDP
     accelerator.register_save_state_pre_hook(partial(save_adapter_state, accelerator, adapter_only))
     accelerator.register_load_state_pre_hook(partial(load_adapter_state, accelerator, adapter_only))
@@ -489,9 +496,13 @@ def training_function(cfg: TrainConfig, state: TrainState | None = None) -> dict
         on_non_finite=cfg.on_non_finite,
         masm_model=masm,
     )
+    state.steps = step.step_state
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(step.step_state)
+    if masm is not None:
+        accelerator.register_for_checkpointing(masm.layer_mask)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        step.optimizer_steps = state.global_step
         log(f"resumed from {resume_path} (step {state.global_step}, epoch {state.epoch})")
     if (
         masm is not None
@@ -527,8 +538,9 @@ def training_function(cfg: TrainConfig, state: TrainState | None = None) -> dict
             seen += 1
             if not out.optimizer_step:
                 continue
-            state.global_step += 1
             progress.update(1)
+            if out.skipped:  # not taken: the step count did not advance
+                continue
             if state.global_step % cfg.logging_steps == 0:
                 row = {
                     "train/loss": running / seen,

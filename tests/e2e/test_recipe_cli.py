@@ -227,8 +227,11 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_complete_checkpoint(tmp_p
 
     train = load_train_module()
     cfg = load_config(None, ["--output_dir", str(tmp_path)])
+    from peft_masm.tuner.step_hooks import StepState
+
     state = train.TrainState()
-    state.global_step = 4
+    state.steps = StepState()
+    state.steps.num_steps = 4
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(_SaveInterruptedAccelerator(), state, cfg)
     root = tmp_path / "checkpoints"

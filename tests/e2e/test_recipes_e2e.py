@@ -90,6 +90,11 @@ def test_train_evaluate_detect(assets, tmp_path):
     assert (out / "results.md").read_text().startswith("| test set |")
     assert (out / "roc.png").stat().st_size > 1000 and (out / "mask_history.png").stat().st_size > 1000
     assert [r["step"] for r in _val_lines(out)] == [6, 12]
+    # the regularisers act through the step hook and their values are logged at every step (issue 27)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert all(r["train/orthogonality"] > 0 and r["train/total"] > 0 for r in train_rows)
     # checkpoints hold the adapter, not the frozen backbone
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_12", "step_6"]
