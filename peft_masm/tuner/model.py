@@ -27,9 +27,11 @@ class MASMModel(BaseTuner):
     Besides PEFT's tuner API it offers:
       - ``decompose()``: run the SVD of every layer still waiting for it, in one batch (the only
         place an SVD runs: never in ``forward()`` nor in the loss);
-      - ``regularization_loss()``: MASM's orthogonality and spectral terms, to add to the task loss;
-      - ``update_layer_mask()``: the selective layer mask, once per optimizer step, after gradient
-        clipping and before ``optimizer.step()``.
+      - ``step_state``: the count of taken optimizer steps and what the last one did. With ``step_hooks`` on
+        (the default) the non-finite guard, the regularisers' gradient, the layer mask and the fit bound act
+        inside every ``optimizer.step()`` of an optimizer holding the adapter (``step_hooks.py``);
+      - ``regularization_loss()``, ``layer_mask``, ``project_fit_bound()``: the mechanisms themselves, to
+        inspect them or (``step_hooks=False``) to call them from one's own loop.
     """
 
     prefix: str = "masm_"
