@@ -139,11 +139,14 @@ def _only_new_head(model: nn.Module, info: dict[str, Any]) -> bool:
     return all(key.split(".")[0] in heads for key in info.get("missing_keys") or ())
 
 
-def load_base_classifier(backbone: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> nn.Module:
+def load_base_classifier(
+    backbone: str | os.PathLike, torch_dtype: torch.dtype | None = None, *, quiet_new_head: bool = False
+) -> nn.Module:
     """``AutoModelForImageClassification`` with a new 2-way head (``id2label={0: "real", 1: "fake"}``).
 
-    transformers' load report is shown only when it says more than that this head is new ("classifier MISSING ...
-    Consider training on your downstream task"): the detector trains it, or loads it from the adapter.
+    ``quiet_new_head=True`` (``build_detector``, ``load_detector``) shows transformers' load report only when it
+    says more than that this head is new ("classifier MISSING ... Consider training on your downstream task"):
+    the detector trains the head, or loads it from the adapter.
     """
     from transformers import AutoModelForImageClassification
 
@@ -156,7 +159,7 @@ def load_base_classifier(backbone: str | os.PathLike, torch_dtype: torch.dtype |
             model, info = AutoModelForImageClassification.from_pretrained(
                 path, output_loading_info=True, **kwargs
             )
-            report.release = not _only_new_head(model, info)
+            report.release = not (quiet_new_head and _only_new_head(model, info))
         return model
     except OSError as err:
         if os.path.isdir(path):
@@ -287,7 +290,9 @@ def build_detector(
     wrapping. The adapter config records ``backbone`` as given (so an alias stays an alias).
     ``pooling="pooler_output"`` (CLIP) feeds the head the layer-normed CLS token, as Effort does.
     """
-    model = _with_pooling(load_base_classifier(backbone, torch_dtype=torch_dtype), pooling)
+    model = _with_pooling(
+        load_base_classifier(backbone, torch_dtype=torch_dtype, quiet_new_head=True), pooling
+    )
     config = masm_config if masm_config is not None else MASMConfig()
     if config.target_modules is None:
         config.target_modules = default_target_modules(_model_type(model))
@@ -343,7 +348,7 @@ def load_detector(
             "backbone it was trained on: base_model=... (masm-detect and recipes/evaluate_detector.py: --base_model)."
         )
     pooling = read_detector_config(folder).get("pooling", "model")
-    model = _with_pooling(load_base_classifier(base, torch_dtype=torch_dtype), pooling)
+    model = _with_pooling(load_base_classifier(base, torch_dtype=torch_dtype, quiet_new_head=True), pooling)
     with quiet_peft_deprecation_probe():
         peft_model = PeftModel.from_pretrained(model, str(folder))
     peft_model.eval()
