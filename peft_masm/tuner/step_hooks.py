@@ -23,13 +23,10 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-if TYPE_CHECKING:
-    from .model import MASMModel
 
 __all__ = ["NonFiniteLossError", "StepState", "check_finite_gradients", "watch"]
 
@@ -113,6 +110,20 @@ def check_finite_gradients(
 
 
 # ------------------------------------------------------------------------------------------- hooks
+class MASMModel(Protocol):
+    """What the hooks use of ``peft_masm.tuner.MASMModel`` (which imports this module, not the reverse)."""
+
+    step_state: StepState
+    peft_config: dict[str, Any]
+    active_adapters: list[str]
+    layer_mask: Any
+
+    def acts_on(self, optimizer: torch.optim.Optimizer) -> bool: ...
+    def trainable_factors(self, adapter_name: str | None = None) -> list[torch.Tensor]: ...
+    def regularization_terms(self) -> dict[str, torch.Tensor]: ...
+    def project_fit_bound(self) -> torch.Tensor: ...
+
+
 _MODELS: weakref.WeakSet[MASMModel] = weakref.WeakSet()
 _HANDLES: list[Any] = []
 
