@@ -260,3 +260,23 @@ def test_the_step_count_resumes_with_the_optimizer_and_training_state():
         optimizer.step()
         optimizer.zero_grad()
     assert_same_training(resumed, full)
+
+
+def test_a_loaded_trainable_adapter_trains_through_the_hooks(tmp_path):
+    """``PeftModel.from_pretrained(..., is_trainable=True)`` gets the same hooks as ``get_peft_model``: training
+    on from a saved adapter equals training on the original model (no layer mask here: its statistics and the
+    step count belong to a run's training state, not to the adapter file)."""
+    model = plain_run(steps=2, layer_mask="none")
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_vit_classifier(), tmp_path / "adapter", is_trainable=True)
+    for trained in (model, loaded):
+        optimizer = adam(trained)
+        for i in range(2, 4):
+            task_loss(trained, image_batch(i)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert loaded.base_model.step_state.num_steps == 2  # a new training run counts its own steps
+    assert int(loaded.base_model.apply_fit_bound()) > 0  # the hook projected after the last step
+    original, reloaded = masm_state(model), masm_state(loaded)
+    for key in original:
+        assert torch.equal(original[key], reloaded[key]), key
