@@ -20,16 +20,20 @@ from .tuner import (
     MASMLayer,
     MASMModel,
     default_target_modules,
-    register_save_hook,
+)
+from .tuner import (
+    register_save_hook as register_save_hook,  # deprecated: the tuner writes its own card (tuner/card.py)
 )
 from .tuner.version import __version__ as __version__
 
 __all__ = [
     "AdapterWeightsNotFoundError",
     "BaseModelMismatchError",
+    "DetectorConfig",
     "IncompleteAdapterFileError",
     "LayerMaskController",
     "MASMConfig",
+    "MASMDetector",
     "MASMLayer",
     "MASMModel",
     "MASMTrainer",
@@ -53,22 +57,14 @@ _LAZY = {
     "NonFiniteLossError": "training",
     "TrainingStep": "training",
     "calibrate_layer_mask": "training",
+    "DetectorConfig": "detector",
+    "MASMDetector": "detector",
     "build_detector": "detector",
     "load_detector": "detector",
     "save_detector": "detector",
     "push_detector_to_hub": "detector",
     "plot_mask_history": "visualization",
 }
-
-
-def _write_model_card(config: MASMConfig, save_directory: str) -> None:
-    # Imported here: the Hub client is slow to import and only needed when an adapter is saved.
-    from .hub import write_card_on_save
-
-    write_card_on_save(config, save_directory)
-
-
-register_save_hook(_write_model_card)
 
 
 def __getattr__(name: str) -> Any:

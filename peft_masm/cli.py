@@ -3,8 +3,8 @@
     masm-detect --adapter outputs/demo/adapter photo.jpg clip.mp4 faces/
     masm-detect --adapter my-org/clip-masm --json photo.jpg
 
-Faces are found and cropped as in training (``peft_masm.data.faces``: largest face, 1.3 margin,
-5-point alignment); a video's score is the mean over evenly spaced frames. A frame in which no face is
+Faces are found and cropped as in training (``peft_masm.data.faces``: largest face, 5-point alignment, at the
+size and margin saved in the detector's ``detector_config.json``); a video's score is the mean over evenly spaced frames. A frame in which no face is
 found is scored whole, and its line says so. A file that cannot be read, or an image (video) smaller than
 ``MIN_IMAGE_SIZE`` px a side, is reported on its own line (``error`` in ``--json``); the others are still
 scored, and the exit status is 1. Files in a given folder that are not images or videos (by extension)
@@ -22,9 +22,12 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .detector import DetectorConfig
 
 __all__ = ["main", "detect", "collect_inputs", "scan_inputs"]
 
@@ -77,19 +80,20 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
 
 
 def _face_fn(
-    training_config: dict[str, Any], detector: str | None
+    training_config: dict[str, Any], detector: str | None, config: DetectorConfig | None = None
 ) -> Callable[[np.ndarray], tuple[np.ndarray, bool]]:
-    """The face step used in training: crop at 256 px with a 1.3 margin, then (synthetic data) an area resize."""
+    """The face step used in training: the crop of the detector's saved ``config`` (size, margin; its defaults
+    when None), then (synthetic data) an area resize."""
     import cv2
 
-    from .data.faces import FaceCropper
+    from .detector import DetectorConfig
 
     name = detector or training_config.get("face_detector") or "auto"
     if name == "none" and detector is None:
         name = "auto"  # pre-cropped training data (e.g. DeepfakeBench frames) were cropped the same way
     if name == "none":
         return lambda image: (image, False)
-    cropper = FaceCropper(detector=name, size=256, margin=1.3)
+    cropper = (config if config is not None else DetectorConfig()).face_cropper(name)
     resize = training_config.get("face_size") if training_config.get("data") == "synthetic" else None
 
     def crop(image: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -191,21 +195,19 @@ def detect(
     from PIL import Image
 
     from .data.io import DataError
-    from .detector import load_detector, predict_proba, read_training_config
+    from .detector import MASMDetector
     from .hub import resolve_adapter
 
     items = collect_inputs(inputs)
     folder = resolve_adapter(adapter)
     with _quiet_head_report(Path(folder)):
-        model, processor = load_detector(str(folder), base_model=base_model)
-    training_config = read_training_config(folder)
-    crop = _face_fn(training_config, face_detector)
+        detector = MASMDetector.from_pretrained(str(folder), base_model=base_model)
+    crop = _face_fn(detector.training_config or {}, face_detector, detector.config)
     face_detection = face_detector != "none"  # as in _face_fn: only an explicit "none" switches it off
 
     def score(crops: tuple[np.ndarray, ...]) -> float:
-        pixels = processor(images=[Image.fromarray(c) for c in crops], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            return float(predict_proba(model, pixels, batch_size=batch_size).mean())
+            return float(detector([Image.fromarray(c) for c in crops], batch_size=batch_size).mean())
 
     results = []
     for path, kind in items:

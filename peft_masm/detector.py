@@ -1,20 +1,27 @@
 """The deepfake detector: an HF vision backbone with a binary real/fake head and a PEFT adapter (MASM by default).
 
-``build_detector("clip-vit-b16")`` makes a new one for training; ``save_detector`` writes it (adapter-only
-weights, image processor, training config, detector config, model card), ``load_detector("org/name" or a
-folder)`` loads it back onto the base model named in its ``adapter_config.json``, and
-``push_detector_to_hub`` uploads the saved folder. Scores are the probability of the "fake" class (label 1).
+:class:`MASMDetector` holds the PeftModel, its image processor and a small :class:`DetectorConfig` (pooling,
+face-crop size and margin), with transformers' trio: ``detector.save_pretrained(folder)`` (adapter-only weights,
+image processor, ``detector_config.json``, training config, model card written once),
+``MASMDetector.from_pretrained("org/name" or a folder)`` (onto the base model named in its
+``adapter_config.json``) and ``detector.push_to_hub("org/name")`` (saves into a temporary folder itself).
+``build_detector("clip-vit-b16")`` makes the PeftModel of a new one for training. Scores are the probability of
+the "fake" class (label 1). ``save_detector``, ``load_detector`` and ``push_detector_to_hub`` are deprecated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,8 @@ __all__ = [
     "BackboneNotAvailableError",
     "BaseModelNotRecordedError",
     "CLIPPoolerClassifier",
+    "DetectorConfig",
+    "MASMDetector",
     "build_detector",
     "embedding_layers_to_save",
     "push_detector_to_hub",
@@ -41,6 +50,7 @@ __all__ = [
     "load_detector",
     "load_image_processor",
     "predict_proba",
+    "read_detector_config",
 ]
 
 ID2LABEL: dict[int, str] = {0: "real", 1: "fake"}
@@ -219,14 +229,6 @@ def head_module_names(model: nn.Module, num_labels: int = 2) -> list[str]:
     return names
 
 
-def _model_type(model: nn.Module) -> str:
-    config = model.config
-    vision = getattr(config, "vision_config", None)
-    if config.model_type == "clip" and vision is not None:
-        return "clip_vision_model"  # CLIPForImageClassification holds only the vision tower
-    return str(config.model_type)
-
-
 class CLIPPoolerClassifier(nn.Module):
     """A CLIP image classifier whose head reads ``pooler_output`` (the layer-normed CLS token), as Effort's
     detector does. ``CLIPForImageClassification`` instead averages the patch tokens before the final layer
@@ -274,39 +276,68 @@ def _with_pooling(model: nn.Module, pooling: str) -> nn.Module:
     return CLIPPoolerClassifier(model)
 
 
-def build_detector(
-    backbone: str,
-    masm_config: MASMConfig | PeftConfig | None = None,
-    *,
-    torch_dtype: torch.dtype | None = None,
-    decompose: bool = True,
-    pooling: str = "model",
-) -> PeftModel:
-    """A trainable detector: ``backbone`` (Hub id, local path or offline alias) + 2-way head + adapter.
+# ---------------------------------------------------------------------------------------------- detector config
 
-    ``masm_config`` defaults to ``MASMConfig()`` on the backbone's attention projections; any PEFT config
-    (e.g. ``LoraConfig`` for a baseline) works too. The head always trains and is saved with the adapter
-    (``modules_to_save``). With ``decompose=True`` MASM's SVD runs now, once, before any data-parallel
-    wrapping. The adapter config records ``backbone`` as given (so an alias stays an alias).
-    ``pooling="pooler_output"`` (CLIP) feeds the head the layer-normed CLS token, as Effort does.
+
+@dataclass
+class DetectorConfig:
+    """What a detector needs besides its adapter and image processor, saved once as ``detector_config.json``.
+
+    ``pooling``: what the head reads (``"model"``: the transformers classifier's own pooling; ``"pooler_output"``:
+    CLIP's layer-normed CLS token). ``face_crop_size`` / ``face_crop_margin``: the face crop the detector was
+    trained on (``peft_masm.data.faces.FaceCropper``); ``masm-detect`` and the card read them from here. The image
+    processor's settings (resolution, normalisation) are its own ``preprocessor_config.json``, saved beside.
     """
-    model = _with_pooling(
-        load_base_classifier(backbone, torch_dtype=torch_dtype, quiet_new_head=True), pooling
-    )
-    config = masm_config if masm_config is not None else MASMConfig()
-    if config.target_modules is None:
-        config.target_modules = default_target_modules(_model_type(model))
-        if isinstance(config.target_modules, list):
-            config.target_modules = set(config.target_modules)
-    heads = head_module_names(model)
-    saved = list(config.modules_to_save or [])
-    config.modules_to_save = saved + [h for h in heads if h not in saved]
-    with quiet_peft_deprecation_probe():
-        peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = os.fspath(backbone)
-    if decompose and hasattr(peft_model.base_model, "decompose"):
-        peft_model.base_model.decompose()
-    return peft_model
+
+    pooling: str = "model"
+    face_crop_size: int = 256
+    face_crop_margin: float = 1.3
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"DetectorConfig.pooling={self.pooling!r} is not one of {list(POOLINGS)}.")
+        if (
+            isinstance(self.face_crop_size, bool)
+            or not isinstance(self.face_crop_size, int)
+            or self.face_crop_size < 1
+        ):
+            raise ValueError(
+                f"DetectorConfig.face_crop_size must be an integer >= 1, got {self.face_crop_size!r}."
+            )
+        margin = self.face_crop_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
+            raise ValueError(f"DetectorConfig.face_crop_margin must be a finite number > 0, got {margin!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        from .hub import DETECTOR_CONFIG_NAME
+
+        path = Path(save_directory) / DETECTOR_CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> DetectorConfig:
+        """The config saved in ``folder``; fields an older save lacks take their defaults (unknown ones are ignored)."""
+        saved = read_detector_config(folder)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in known})
+
+    def face_cropper(self, detector: str = "auto") -> Any:
+        """The ``FaceCropper`` of these settings (``detector``: "auto", "mtcnn" or "lbp")."""
+        from .data.faces import FaceCropper
+
+        return FaceCropper(detector=detector, size=self.face_crop_size, margin=self.face_crop_margin)
+
+
+def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``detector_config.json`` saved beside a detector's adapter (``{}`` when there is none)."""
+    from .hub import DETECTOR_CONFIG_NAME
+
+    path = Path(folder) / DETECTOR_CONFIG_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_training_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -320,6 +351,342 @@ def read_training_config(folder: str | os.PathLike) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+# ---------------------------------------------------------------------------------------------- build
+
+
+_UNSET: Any = object()
+
+
+def build_detector(
+    backbone: str,
+    masm_config: MASMConfig | PeftConfig | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    decompose: bool = _UNSET,
+    pooling: str = "model",
+) -> PeftModel:
+    """A trainable detector model: ``backbone`` (Hub id, local path or offline alias) + 2-way head + adapter.
+
+    ``masm_config`` defaults to ``MASMConfig()``, whose default targets (the attention projections) the tuner
+    resolves; any PEFT config (e.g. ``LoraConfig`` for a baseline) works too, and one without ``target_modules``
+    gets the same table (``default_target_modules``). The config is copied, never changed. The head always
+    trains and is saved with the adapter (``modules_to_save``). MASM's SVD runs once, when the adapter is
+    injected (before any data-parallel wrapping). The adapter config records ``backbone`` as given (so an
+    alias stays an alias). ``pooling="pooler_output"`` (CLIP) feeds the head the layer-normed CLS token, as Effort
+    does. Wrap the result in :class:`MASMDetector` to save, load and push it with its image processor.
+    """
+    if decompose is not _UNSET:
+        warnings.warn(
+            "build_detector(decompose=...) is deprecated and has no effect: MASM's SVD runs once, when the "
+            "adapter is injected (get_peft_model). Drop the argument.",
+            FutureWarning,
+            stacklevel=2,
+        )
+    model = _with_pooling(
+        load_base_classifier(backbone, torch_dtype=torch_dtype, quiet_new_head=True), pooling
+    )
+    config = copy.deepcopy(masm_config) if masm_config is not None else MASMConfig()
+    if config.target_modules is None and not isinstance(config, MASMConfig):
+        # MASMModel resolves a MASM config's defaults itself; a baseline method gets the same table.
+        config.target_modules = default_target_modules(str(model.config.model_type))
+    heads = head_module_names(model)
+    saved = list(config.modules_to_save or [])
+    config.modules_to_save = saved + [h for h in heads if h not in saved]
+    with quiet_peft_deprecation_probe():
+        peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = os.fspath(backbone)
+    _install_card_writer(peft_model)
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------- model card
+
+
+class _DetectorCard:
+    """Stands in for ``PeftModel.create_or_update_model_card`` on a detector's model: where PEFT would write its blank
+    README.md at the start of ``save_pretrained``, this package's detector card is written instead (once).
+
+    A card the user wrote is left to PEFT (which only updates its metadata). ``MASMDetector.save_pretrained``
+    sets ``extras`` (processor size, training config, results, repo id, crop settings) for the save it runs.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.extras: dict[str, Any] = {}
+
+    def __call__(self, output_dir: str) -> None:
+        from .tuner.card import is_replaceable_card
+
+        readme = Path(output_dir) / "README.md"
+        if not is_replaceable_card(readme):
+            type(self.model).create_or_update_model_card(self.model, output_dir)
+            return
+        self.render().save(readme)
+
+    def render(self) -> Any:
+        from peft import get_peft_model_state_dict
+
+        from .hub import render_model_card
+
+        model, extras = self.model, dict(self.extras)
+        name = model.active_adapter if isinstance(model.active_adapter, str) else "default"
+        config = model.peft_config[name]
+        adapter_config = {
+            key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()
+        }
+        weights = get_peft_model_state_dict(
+            model, adapter_name=name, save_embedding_layers=embedding_layers_to_save(model)
+        )
+        detector_config = extras.pop("detector_config", None) or DetectorConfig(pooling=_pooling_of(model))
+        image_size = extras.pop("image_size", None)
+        return render_model_card(
+            str(config.base_model_name_or_path or "") or None,
+            adapter_config,
+            extras.pop("training_config", None),
+            extras.pop("eval_results", None),
+            None,
+            synthetic_benchmark=extras.pop("synthetic_benchmark", False),
+            base_model_class="AutoModelForImageClassification",
+            repo_id=extras.pop("repo_id", None),
+            adapter_parameters=sum(t.numel() for t in weights.values()),
+            pooling=detector_config.pooling,
+            image_size=image_size,
+            interpolate_pos_encoding=image_size is not None and _interpolates(_unwrap(model), image_size),
+            face_crop_size=detector_config.face_crop_size,
+            face_crop_margin=detector_config.face_crop_margin,
+        )
+
+
+def _install_card_writer(model: PeftModel) -> _DetectorCard:
+    writer = model.__dict__.get("create_or_update_model_card")
+    if not isinstance(writer, _DetectorCard):
+        writer = _DetectorCard(model)
+        model.create_or_update_model_card = writer  # type: ignore[method-assign]
+    return writer
+
+
+# ---------------------------------------------------------------------------------------------- the detector
+
+
+class MASMDetector:
+    """A trained (or trainable) deepfake detector: the PeftModel, its image processor and its :class:`DetectorConfig`.
+
+    transformers' trio: ``detector.save_pretrained(folder)`` writes the adapter (PEFT), the image processor, the
+    detector config and the model card (once); ``MASMDetector.from_pretrained(folder or "org/name")`` loads it back
+    onto the base model named in its ``adapter_config.json``; ``detector.push_to_hub("org/name")`` saves into a
+    temporary folder and uploads it (no save needed first). ``detector(images)`` / ``detector.predict(pixels)``
+    give the probability of the "fake" class (label 1).
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        image_processor: Any = None,
+        config: DetectorConfig | None = None,
+        *,
+        training_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.config = config if config is not None else DetectorConfig(pooling=_pooling_of(model))
+        self.training_config = training_config
+        _install_card_writer(model)
+
+    @classmethod
+    def build(
+        cls,
+        backbone: str,
+        adapter_config: MASMConfig | PeftConfig | None = None,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        pooling: str = "model",
+        image_size: int | None = None,
+        config: DetectorConfig | None = None,
+    ) -> MASMDetector:
+        """A new detector to train: :func:`build_detector` plus the backbone's image processor (``image_size`` px)."""
+        model = build_detector(backbone, adapter_config, torch_dtype=torch_dtype, pooling=pooling)
+        detector_config = (
+            dataclasses.replace(config, pooling=pooling) if config else DetectorConfig(pooling=pooling)
+        )
+        return cls(model, load_image_processor(backbone, image_size=image_size), detector_config)
+
+    # ------------------------------------------------------------------------------------ save / load / push
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        training_config: dict[str, Any] | None = None,
+        eval_results: dict[str, dict[str, Any]] | None = None,
+        repo_id: str | None = None,
+        synthetic_benchmark: bool = False,
+    ) -> Path:
+        """Save as one folder: adapter-only weights, image processor, ``detector_config.json``, training config
+        (given, else the one loaded) and this package's model card, written once.
+
+        The folder is written beside ``save_directory`` first and moved into place when complete, so an
+        interrupted save never leaves a half-written detector.
+        """
+        from .hub import save_training_config
+
+        training = training_config if training_config is not None else self.training_config
+        target = Path(save_directory)
+        tmp = target.with_name(f".tmp-{target.name}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        image_size = _processor_size(self.image_processor) if self.image_processor is not None else None
+        writer = _install_card_writer(self.model)
+        writer.extras = {
+            "detector_config": self.config,
+            "image_size": image_size,
+            "training_config": training,
+            "eval_results": eval_results,
+            "repo_id": repo_id,
+            "synthetic_benchmark": synthetic_benchmark,
+        }
+        try:
+            self.model.save_pretrained(str(tmp), save_embedding_layers=embedding_layers_to_save(self.model))
+        finally:
+            writer.extras = {}
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(str(tmp))
+        self.config.save_pretrained(tmp)
+        if training:
+            save_training_config(tmp, training)
+        _replace_folder(tmp, target)
+        return target
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        adapter: str | os.PathLike,
+        *,
+        base_model: str | None = None,
+        revision: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        image_size: int | None = None,
+    ) -> MASMDetector:
+        """Load a saved detector (a folder or a Hub id), in eval mode.
+
+        The base model is read from its ``adapter_config.json`` (``base_model`` overrides it) and offline aliases
+        resolve to their prepared folders. An adapter trained on another base raises
+        ``peft_masm.BaseModelMismatchError``; an unreachable Hub id raises ``peft_masm.hub.AdapterNotAvailableError``
+        / :class:`BackboneNotAvailableError` with the fix. The image processor is the saved one (the base's for a
+        folder without one), resized to ``image_size`` when given.
+        """
+        from .hub import resolve_adapter
+
+        folder = resolve_adapter(adapter, revision=revision)
+        config_data = json.loads((folder / "adapter_config.json").read_text())
+        base = base_model or config_data.get("base_model_name_or_path")
+        if not base:
+            raise BaseModelNotRecordedError(
+                f"{folder}/adapter_config.json names no base model (base_model_name_or_path is empty); pass the "
+                "backbone it was trained on: base_model=... (masm-detect and recipes/evaluate_detector.py: "
+                "--base_model)."
+            )
+        config = DetectorConfig.from_pretrained(folder)
+        training = read_training_config(folder)
+        model = _with_pooling(
+            load_base_classifier(base, torch_dtype=torch_dtype, quiet_new_head=True), config.pooling
+        )
+        with quiet_peft_deprecation_probe():
+            peft_model = PeftModel.from_pretrained(model, str(folder))
+        peft_model.eval()
+        if (folder / "preprocessor_config.json").is_file():
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(str(folder))
+            if image_size is not None:
+                _set_processor_size(processor, int(image_size))
+        else:  # saved without a processor: the base's, at the size it was trained at where recorded
+            size = image_size if image_size is not None else training.get("image_size")
+            processor = load_image_processor(base, image_size=size)
+        return cls(peft_model, processor, config, training_config=training or None)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload MASM detector",
+        endpoint: str | None = None,
+        **save_kwargs: Any,
+    ) -> str:
+        """Save into a temporary folder (``save_pretrained(..., repo_id=repo_id, **save_kwargs)``) and upload it to
+        ``repo_id`` (created if needed) in one commit; returns the commit URL.
+
+        The token comes from ``token``, ``HF_TOKEN`` or the login cache and is never printed.
+        """
+        from .hub import push_adapter_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "detector", repo_id=repo_id, **save_kwargs)
+            return push_adapter_to_hub(
+                folder,
+                repo_id,
+                token=token,
+                private=private,
+                commit_message=commit_message,
+                endpoint=endpoint,
+            )
+
+    # ------------------------------------------------------------------------------------ scoring
+    def face_cropper(self, detector: str = "auto") -> Any:
+        """The face crop the detector was trained on (its config's size and margin), with face ``detector``."""
+        return self.config.face_cropper(detector)
+
+    def predict(self, pixel_values: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Fake probability for each image of ``pixel_values`` (N, C, H, W), as float32 on the CPU."""
+        return predict_proba(self.model, pixel_values, batch_size=batch_size)
+
+    def __call__(self, images: Any, batch_size: int = 32) -> torch.Tensor:
+        """Fake probability for each image (PIL images or HxWx3 uint8 arrays, already face crops)."""
+        if self.image_processor is None:
+            raise ValueError(
+                "this detector has no image processor; call predict() with pixel values instead."
+            )
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return self.predict(pixels, batch_size=batch_size)
+
+    def to(self, *args: Any, **kwargs: Any) -> MASMDetector:
+        self.model.to(*args, **kwargs)
+        return self
+
+    def eval(self) -> MASMDetector:
+        self.model.eval()
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- deprecated
+
+
+def save_detector(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    image_processor: Any = None,
+    training_config: dict[str, Any] | None = None,
+    eval_results: dict[str, dict[str, Any]] | None = None,
+    repo_id: str | None = None,
+    synthetic_benchmark: bool = False,
+) -> Path:
+    """Deprecated: ``MASMDetector(model, image_processor).save_pretrained(save_directory, ...)``."""
+    warnings.warn(
+        "save_detector(model, folder, image_processor=...) is deprecated: use "
+        "MASMDetector(model, image_processor).save_pretrained(folder, ...).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return MASMDetector(model, image_processor).save_pretrained(
+        save_directory,
+        training_config=training_config,
+        eval_results=eval_results,
+        repo_id=repo_id,
+        synthetic_benchmark=synthetic_benchmark,
+    )
+
+
 def load_detector(
     adapter: str | os.PathLike,
     *,
@@ -328,49 +695,33 @@ def load_detector(
     torch_dtype: torch.dtype | None = None,
     image_size: int | None = None,
 ) -> tuple[PeftModel, Any]:
-    """Load a trained detector: ``(peft_model in eval mode, image_processor)``.
-
-    ``adapter`` is a folder or a Hub id; the base model is read from its ``adapter_config.json``
-    (``base_model`` overrides it) and offline aliases resolve to their prepared folders. An adapter
-    trained on another base raises ``peft_masm.BaseModelMismatchError``; an unreachable Hub id raises
-    ``peft_masm.hub.AdapterNotAvailableError`` / :class:`BackboneNotAvailableError` with the fix.
-    The image size comes from ``image_size``, else the adapter's ``preprocessor_config.json`` /
-    ``training_config.yaml``, else the backbone's default.
-    """
-    from .hub import resolve_adapter
-
-    folder = resolve_adapter(adapter, revision=revision)
-    config_data = json.loads((folder / "adapter_config.json").read_text())
-    base = base_model or config_data.get("base_model_name_or_path")
-    if not base:
-        raise BaseModelNotRecordedError(
-            f"{folder}/adapter_config.json names no base model (base_model_name_or_path is empty); pass the "
-            "backbone it was trained on: base_model=... (masm-detect and recipes/evaluate_detector.py: --base_model)."
-        )
-    pooling = read_detector_config(folder).get("pooling", "model")
-    model = _with_pooling(load_base_classifier(base, torch_dtype=torch_dtype, quiet_new_head=True), pooling)
-    with quiet_peft_deprecation_probe():
-        peft_model = PeftModel.from_pretrained(model, str(folder))
-    peft_model.eval()
-    if image_size is None:
-        image_size = read_training_config(folder).get("image_size")
-    if (folder / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(str(folder))
-        if image_size is not None:
-            _set_processor_size(processor, int(image_size))
-    else:
-        processor = load_image_processor(base, image_size=image_size)
-    return peft_model, processor
+    """Deprecated: ``MASMDetector.from_pretrained(adapter, ...)``; returns ``(detector.model, detector.image_processor)``."""
+    warnings.warn(
+        "load_detector(...) returning (model, processor) is deprecated: use MASMDetector.from_pretrained(...), "
+        "whose .model and .image_processor are these.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    detector = MASMDetector.from_pretrained(
+        adapter, base_model=base_model, revision=revision, torch_dtype=torch_dtype, image_size=image_size
+    )
+    return detector.model, detector.image_processor
 
 
-def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The ``detector_config.json`` saved beside a detector's adapter (``{}`` when there is none)."""
-    from .hub import DETECTOR_CONFIG_NAME
+def push_detector_to_hub(
+    save_directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
+    """Deprecated: upload a folder written by ``MASMDetector.save_pretrained``; use ``detector.push_to_hub(repo_id)``,
+    which needs no save first."""
+    from .hub import push_adapter_to_hub
 
-    path = Path(folder) / DETECTOR_CONFIG_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    warnings.warn(
+        "push_detector_to_hub(folder, repo_id) is deprecated: use detector.push_to_hub(repo_id) "
+        "(MASMDetector), which saves into a temporary folder itself.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return push_adapter_to_hub(save_directory, repo_id, token=token, private=private)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -415,52 +766,6 @@ def embedding_layers_to_save(model: nn.Module) -> bool | str:
     return "auto" if embedded else False
 
 
-def save_detector(
-    model: nn.Module,
-    save_directory: str | os.PathLike,
-    *,
-    image_processor: Any = None,
-    training_config: dict[str, Any] | None = None,
-    eval_results: dict[str, dict[str, Any]] | None = None,
-    repo_id: str | None = None,
-    synthetic_benchmark: bool = False,
-) -> Path:
-    """Save a detector as one folder: adapter-only weights (``save_pretrained``), image processor, training
-    config, ``detector_config.json`` (the head's pooling) and this package's model card.
-
-    The folder is written beside ``save_directory`` first and moved into place when complete, so an
-    interrupted save never leaves a half-written detector. ``load_detector`` reads it back.
-    """
-    from .hub import DETECTOR_CONFIG_NAME, save_adapter_card
-
-    target = Path(save_directory)
-    tmp = target.with_name(f".tmp-{target.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), save_embedding_layers=embedding_layers_to_save(model))
-    image_size = None
-    if image_processor is not None:
-        image_processor.save_pretrained(str(tmp))
-        image_size = _processor_size(image_processor)
-    pooling = _pooling_of(model)
-    (tmp / DETECTOR_CONFIG_NAME).write_text(json.dumps({"pooling": pooling}, indent=2) + "\n")
-    config = json.loads((tmp / "adapter_config.json").read_text())
-    save_adapter_card(
-        tmp,
-        base_model=str(config.get("base_model_name_or_path") or "") or None,
-        training_config=training_config,
-        eval_results=eval_results,
-        synthetic_benchmark=synthetic_benchmark,
-        base_model_class="AutoModelForImageClassification",
-        repo_id=repo_id,
-        pooling=pooling,
-        image_size=image_size,
-        interpolate_pos_encoding=image_size is not None and _interpolates(_unwrap(model), image_size),
-    )
-    _replace_folder(tmp, target)
-    return target
-
-
 def _replace_folder(tmp: Path, final: Path) -> None:
     """Move a finished ``tmp`` folder to ``final``; an older ``final`` is removed only after that."""
     old = final.with_name(f".old-{final.name}")
@@ -471,18 +776,6 @@ def _replace_folder(tmp: Path, final: Path) -> None:
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
-
-
-def push_detector_to_hub(
-    save_directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
-) -> str:
-    """Upload a folder written by :func:`save_detector` (adapter files, configs, card); returns the commit URL.
-
-    The token comes from ``token``, ``HF_TOKEN`` or the login cache and is never printed.
-    """
-    from .hub import push_adapter_to_hub
-
-    return push_adapter_to_hub(save_directory, repo_id, token=token, private=private)
 
 
 def _native_size(model: nn.Module) -> int | None:

@@ -17,7 +17,27 @@ from .data.processing import collate
 from .detector import forward_logits
 from .metrics import compute_detection_metrics, plot_roc, write_results
 
-__all__ = ["predict", "score_sets", "metrics_for"]
+__all__ = ["face_cropper", "predict", "score_sets", "metrics_for"]
+
+
+def _model_of(model: Any) -> torch.nn.Module:
+    """The model to run: a ``MASMDetector``'s own, or ``model`` itself."""
+    from .detector import MASMDetector
+
+    return model.model if isinstance(model, MASMDetector) else model
+
+
+def face_cropper(detector: Any, face_detector: str = "auto") -> Any:
+    """The face crop a saved detector was trained on: size and margin from its ``detector_config.json``.
+
+    ``detector`` is a :class:`~peft_masm.detector.MASMDetector` or the folder it was saved in.
+    """
+    from .detector import DetectorConfig, MASMDetector
+
+    config = (
+        detector.config if isinstance(detector, MASMDetector) else DetectorConfig.from_pretrained(detector)
+    )
+    return config.face_cropper(face_detector)
 
 
 @torch.no_grad()
@@ -26,8 +46,10 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray, list[str], float]:
     """``(labels, fake probabilities, video ids, mean cross-entropy)`` over ``ds``.
 
-    With ``accelerator`` the set is sharded over processes and gathered (each sample counted once).
+    ``model`` is a detector's model or a :class:`~peft_masm.detector.MASMDetector`. With ``accelerator`` the set is
+    sharded over processes and gathered (each sample counted once).
     """
+    model = _model_of(model)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
@@ -78,8 +100,9 @@ def score_sets(
     """Evaluate every named set; write ``results.json``, ``results.md`` and ``roc.png`` into ``out_dir``.
 
     ``subsets`` maps a result name to ``(set name, row indices)``: metrics on those rows of a scored set,
-    without scoring the images again.
+    without scoring the images again. ``model`` may be a :class:`~peft_masm.detector.MASMDetector`.
     """
+    model = _model_of(model)
     results: dict[str, dict[str, Any]] = {}
     curves = {}
     scored = {}

@@ -9,7 +9,6 @@ import importlib.resources
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -187,7 +186,7 @@ def loading_code(
 ) -> str:
     """The card's Python code that loads the adapter onto its base model, runnable as written.
 
-    With ``pooling`` set (a detector saved by ``peft_masm.save_detector``) it also scores ``face.jpg`` with the
+    With ``pooling`` set (a detector saved by ``MASMDetector.save_pretrained``) it also scores ``face.jpg`` with the
     image processor saved beside the adapter (``image_size`` px; the base's own processor when None).
     """
     packaged = _packaged_backbone(base_model) is not None
@@ -253,10 +252,18 @@ def input_notes(
     *,
     image_size: int | None = None,
     interpolate_pos_encoding: bool = False,
+    face_crop_size: int | None = None,
+    face_crop_margin: float | None = None,
 ) -> str:
-    """What a detector's inputs must look like (face crop, resolution), and the tools that prepare them."""
+    """What a detector's inputs must look like (face crop, resolution), and the tools that prepare them.
+
+    ``face_crop_size`` and ``face_crop_margin`` come from the detector's saved config (``detector_config.json``);
+    the sentence leaves out what is not given.
+    """
+    enlarged = f"enlarged {face_crop_margin:g} times" if face_crop_margin is not None else "enlarged"
+    size = f", {face_crop_size} px" if face_crop_size is not None else ""
     config = training_config or {}
-    crop = "the largest face, its box enlarged 1.3 times, 5-point aligned where landmarks are found, 256 px"
+    crop = f"the largest face, its box {enlarged}, 5-point aligned where landmarks are found{size}"
     notes = []
     if config.get("data") == "synthetic":
         notes.append(
@@ -280,7 +287,7 @@ def input_notes(
     notes.append(
         "`peft_masm` does the face crop, the resolution and the head for you: "
         f"`masm-detect --adapter {repo_id} photo.jpg` from the shell, or "
-        f"`model, processor = peft_masm.load_detector({json.dumps(repo_id)})` in Python."
+        f"`detector = peft_masm.MASMDetector.from_pretrained({json.dumps(repo_id)})` in Python."
     )
     return " ".join(notes)
 
@@ -303,6 +310,8 @@ def render_model_card(
     pooling: str | None = None,
     image_size: int | None = None,
     interpolate_pos_encoding: bool = False,
+    face_crop_size: int | None = None,
+    face_crop_margin: float | None = None,
 ) -> ModelCard:
     """A model card (``library_name: peft``, base model, tags, datasets, model-index results) for a MASM adapter.
 
@@ -310,8 +319,9 @@ def render_model_card(
     the results come from the smoke-scale synthetic benchmark, and the card says so. ``base_model=None`` says
     the base model was not recorded (a model built from a config); an empty string is refused. An offline
     alias of ``peft_masm.backbones`` is named as such (with how to get it), not as a Hub id. ``pooling`` (set for
-    a detector saved by ``save_detector``), ``image_size`` (of the saved image processor) and
-    ``interpolate_pos_encoding`` make the card's code score an image as the detector was trained.
+    a detector saved by ``MASMDetector.save_pretrained``), ``image_size`` (of the saved image processor) and
+    ``interpolate_pos_encoding`` make the card's code score an image as the detector was trained;
+    ``face_crop_size`` and ``face_crop_margin`` (its saved config) describe the face crop it expects.
     """
     if base_model is not None and not base_model:
         raise ValueError(
@@ -351,7 +361,12 @@ def render_model_card(
             interpolate_pos_encoding=interpolate_pos_encoding,
         ),
         input_notes=input_notes(
-            training_config, repo, image_size=image_size, interpolate_pos_encoding=interpolate_pos_encoding
+            training_config,
+            repo,
+            image_size=image_size,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            face_crop_size=face_crop_size,
+            face_crop_margin=face_crop_margin,
         )
         if pooling is not None
         else "",
@@ -428,37 +443,6 @@ def save_adapter_card(
     path = out / "README.md"
     card.save(path)
     return path
-
-
-# Markers of the blank card PEFT writes on every save_pretrained (huggingface_hub's default template).
-_BLANK_CARD_MARKERS = (
-    "[More Information Needed]",
-    "<!-- Provide a quick summary of what the model is/does. -->",
-)
-CARD_MARKER = "import peft_masm"
-
-
-def write_card_on_save(config: Any, save_directory: str | os.PathLike) -> Path | None:
-    """After ``save_pretrained`` of a MASM adapter: replace PEFT's blank card with this package's card.
-
-    A card that is neither missing nor PEFT's blank template (one written by the user, or a fuller card from
-    ``save_adapter_card``) is left as it is. Returns the card written, or None.
-    """
-    out = Path(save_directory)
-    if not (out / "adapter_model.safetensors").is_file() or not (out / "adapter_config.json").is_file():
-        return None  # a config saved on its own: no adapter to describe
-    readme = out / "README.md"
-    if readme.is_file():
-        text = readme.read_text(encoding="utf-8", errors="replace")
-        if CARD_MARKER in text or not any(marker in text for marker in _BLANK_CARD_MARKERS):
-            return None
-    base_class = (getattr(config, "auto_mapping", None) or {}).get("base_model_class") or "AutoModel"
-    return save_adapter_card(
-        out,
-        base_model=getattr(config, "base_model_name_or_path", None) or None,
-        synthetic_benchmark=False,
-        base_model_class=base_class,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- push

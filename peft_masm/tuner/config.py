@@ -78,11 +78,19 @@ _save_hooks: list[SaveHook] = []
 
 
 def register_save_hook(hook: SaveHook) -> None:
-    """Run ``hook(config, save_directory)`` after every ``MASMConfig.save_pretrained`` (once per hook).
+    """Deprecated: run ``hook(config, save_directory)`` after every ``MASMConfig.save_pretrained`` (once per hook).
 
-    PEFT's ``save_pretrained`` writes the adapter weights, then the config; ``import peft_masm`` registers
-    the hook that replaces PEFT's blank model card with this package's card.
+    The tuner writes its own model card (``peft_masm.tuner.card``) and ``peft_masm`` registers no hook any more;
+    a hook registered here still runs, with a FutureWarning at registration.
     """
+    import warnings
+
+    warnings.warn(
+        "register_save_hook is deprecated and will be removed: MASMConfig.save_pretrained writes the MASM model "
+        "card itself; save extra files after model.save_pretrained(...) instead.",
+        FutureWarning,
+        stacklevel=2,
+    )
     if hook not in _save_hooks:
         _save_hooks.append(hook)
 
@@ -326,10 +334,14 @@ class MASMConfig(PeftConfig):
             raise ValueError("MASMConfig.layers_pattern only makes sense together with layers_to_transform.")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Save ``adapter_config.json`` (recording this peft_masm version), then run the registered save hooks."""
+        """Save ``adapter_config.json`` (recording this peft_masm version); then, beside the adapter's weights,
+        replace PEFT's blank README.md with the MASM card (``card.write_adapter_card``; another card is kept)."""
+        from .card import write_adapter_card
+
         self.peft_masm_version = __version__
         super().save_pretrained(save_directory, **kwargs)
-        for hook in _save_hooks:
+        write_adapter_card(self, save_directory)
+        for hook in _save_hooks:  # deprecated (register_save_hook)
             hook(self, save_directory)
 
     # ------------------------------------------------------------------------------------ loading

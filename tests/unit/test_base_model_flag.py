@@ -1,6 +1,6 @@
 """``--base_model`` for adapters whose config names no base (issue 26 item 8).
 
-``load_detector`` says "pass base_model=..." for such an adapter; ``masm-detect`` had no such flag and
+``MASMDetector.from_pretrained`` says "pass base_model=..." for such an adapter; ``masm-detect`` had no such flag and
 ``recipes/evaluate_detector.py`` printed a traceback. The adapter here is made as a user makes one on a model
 built from a config (``base_model_name_or_path`` stays empty); the base's weights are saved to a folder.
 """

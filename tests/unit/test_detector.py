@@ -1,4 +1,4 @@
-"""build_detector / load_detector on a tiny CLIP made by the test (offline)."""
+"""build_detector / MASMDetector (save_pretrained, from_pretrained) on a tiny CLIP made by the test (offline)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ from peft_masm import BaseModelMismatchError, MASMConfig  # noqa: E402
 from peft_masm.detector import (  # noqa: E402
     ID2LABEL,
     BackboneNotAvailableError,
+    MASMDetector,
     build_detector,
     load_base_classifier,
-    load_detector,
     predict_proba,
-    save_detector,
 )
 from peft_masm.hub import AdapterNotAvailableError  # noqa: E402
 
@@ -66,7 +65,8 @@ def test_save_load_round_trip_gives_same_scores(tiny, tmp_path):
     x = torch.randn(5, 3, 32, 32)
     expected = predict_proba(model, x)
     model.save_pretrained(tmp_path / "adapter")
-    loaded, processor = load_detector(tmp_path / "adapter")
+    detector = MASMDetector.from_pretrained(tmp_path / "adapter")
+    loaded, processor = detector.model, detector.image_processor
     assert not loaded.training
     torch.testing.assert_close(predict_proba(loaded, x), expected)
     assert processor.crop_size["height"] == 32
@@ -76,7 +76,8 @@ def test_save_load_round_trip_gives_same_scores(tiny, tmp_path):
 def test_image_size_is_honoured_with_interpolated_positions(tiny, tmp_path):
     model = build_detector(str(tiny), MASMConfig(num_subspaces=1, subspace_rank=1, layer_mask="none"))
     model.save_pretrained(tmp_path / "adapter")
-    loaded, processor = load_detector(tmp_path / "adapter", image_size=48)
+    detector = MASMDetector.from_pretrained(tmp_path / "adapter", image_size=48)
+    loaded, processor = detector.model, detector.image_processor
     assert processor.crop_size == {"height": 48, "width": 48}
     assert predict_proba(loaded, torch.randn(2, 3, 48, 48)).shape == (2,)
 
@@ -86,7 +87,7 @@ def test_adapter_for_another_base_is_refused(tiny, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     other = save_tiny_clip(tmp_path / "other", seed=1)
     with pytest.raises(BaseModelMismatchError):
-        load_detector(tmp_path / "adapter", base_model=str(other))
+        MASMDetector.from_pretrained(tmp_path / "adapter", base_model=str(other))
 
 
 def test_unreachable_hub_ids_give_clear_errors(tiny, monkeypatch, tmp_path):
@@ -97,7 +98,7 @@ def test_unreachable_hub_ids_give_clear_errors(tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     with pytest.raises(AdapterNotAvailableError, match="HF_HUB_OFFLINE|download it once"):
-        load_detector("nobody-org/no-such-adapter")
+        MASMDetector.from_pretrained("nobody-org/no-such-adapter")
     with pytest.raises(BackboneNotAvailableError, match="offline alias"):
         build_detector("nobody-org/no-such-backbone")
 
@@ -109,7 +110,7 @@ def test_lora_baseline_detector(tiny, tmp_path):
     assert "classifier" in model.peft_config["default"].modules_to_save
     _train_a_little(model)
     model.save_pretrained(tmp_path / "lora")
-    loaded, _ = load_detector(tmp_path / "lora")
+    loaded = MASMDetector.from_pretrained(tmp_path / "lora").model
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     torch.testing.assert_close(predict_proba(loaded, x), predict_proba(model, x))
@@ -117,8 +118,6 @@ def test_lora_baseline_detector(tiny, tmp_path):
 
 def test_pooler_output_head_reads_the_layer_normed_cls_token(tmp_path):
     """Effort's classifier reads CLIP's pooler_output; pooling='pooler_output' gives exactly that."""
-    from peft_masm.detector import load_detector, save_detector
-
     tiny = save_tiny_clip(tmp_path / "clip")
     model = build_detector(str(tiny), MASMConfig(num_subspaces=1, subspace_rank=1), pooling="pooler_output")
     model.eval()
@@ -132,8 +131,8 @@ def test_pooler_output_head_reads_the_layer_normed_cls_token(tmp_path):
         )
     torch.testing.assert_close(logits, expected)
     assert not torch.allclose(logits, default.logits)  # the transformers head averages patch tokens instead
-    save_detector(model, tmp_path / "det")
-    loaded, _ = load_detector(tmp_path / "det")
+    MASMDetector(model).save_pretrained(tmp_path / "det")
+    loaded = MASMDetector.from_pretrained(tmp_path / "det").model
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, logits)
     assert (tmp_path / "det" / "README.md").read_text().count("import peft_masm") >= 1
@@ -153,8 +152,8 @@ def test_building_and_loading_a_detector_prints_no_future_warning(tiny, tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         model = build_detector(str(tiny))
-        save_detector(model, tmp_path / "det")
-        load_detector(tmp_path / "det")
+        MASMDetector(model).save_pretrained(tmp_path / "det")
+        MASMDetector.from_pretrained(tmp_path / "det")
 
 
 @contextmanager
@@ -184,8 +183,8 @@ def test_no_load_report_or_hub_lookup_for_the_detector_head(tmp_path, monkeypatc
     with load_reports() as shown, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build_detector("clip-vit-b16", MASMConfig(num_subspaces=1, subspace_rank=1))
-        save_detector(model, tmp_path / "det")
-        load_detector(tmp_path / "det")
+        MASMDetector(model).save_pretrained(tmp_path / "det")
+        MASMDetector.from_pretrained(tmp_path / "det")
     assert shown == []
     peft_warnings = [str(w.message) for w in caught if "clip-vit-b16" in str(w.message)]
     assert peft_warnings == []

@@ -26,7 +26,7 @@ from recipe_fixtures import save_tiny_clip  # noqa: E402
 from tiny_backbones import save_packaged_like_clip  # noqa: E402
 
 from peft_masm import MASMConfig  # noqa: E402
-from peft_masm.detector import build_detector, load_image_processor, predict_proba, save_detector  # noqa: E402
+from peft_masm.detector import MASMDetector, build_detector, load_image_processor, predict_proba  # noqa: E402
 
 REPO_ID = "org/tiny-masm-detector"
 
@@ -79,8 +79,8 @@ def test_card_code_of_a_detector_on_a_packaged_backbone_scores_an_image_offline(
     processor = load_image_processor("clip-vit-b16", image_size=48)  # not the base's 32 px, as the demo's 112
     _trained(model, 48)
     training = {"backbone": "clip-vit-b16", "data": "synthetic", "face_size": 48, "image_size": 48}
-    folder = save_detector(
-        model, tmp_path / "detector", image_processor=processor, training_config=training, repo_id=REPO_ID
+    folder = MASMDetector(model, processor).save_pretrained(
+        tmp_path / "detector", training_config=training, repo_id=REPO_ID
     )
     fill_hf_cache(tmp_path / "hub", REPO_ID, folder)
     card = (folder / "README.md").read_text()
@@ -102,7 +102,7 @@ def test_card_code_of_a_pooler_output_detector_on_a_local_base_scores_an_image(t
     model = build_detector(str(base), MASMConfig(num_subspaces=1, subspace_rank=1), pooling="pooler_output")
     processor = load_image_processor(str(base))
     _trained(model, 32)
-    folder = save_detector(model, tmp_path / "detector", image_processor=processor, repo_id=REPO_ID)
+    folder = MASMDetector(model, processor).save_pretrained(tmp_path / "detector", repo_id=REPO_ID)
     fill_hf_cache(tmp_path / "hub", REPO_ID, folder)
     code = card_code(folder / "README.md")
     assert "CLIPPoolerClassifier" in code and "interpolate_pos_encoding" not in code
