@@ -1,12 +1,27 @@
-"""Typed recipe configuration: a YAML file validated into :class:`TrainConfig`, every field overridable
-with ``--key value`` (nested adapter fields as ``--masm.num_subspaces 2``).
+"""Typed recipe configuration: :class:`TrainConfig`, read from a YAML file and the command line by transformers'
+``HfArgumentParser``.
 
-Unknown keys are rejected with the nearest valid name; values of the wrong type get an error that
-names the field, the expected type and the value.
+    cfg = parse_args(["--config", "recipes/configs/demo.yaml", "--learning_rate", "1e-4", "--masm.num_subspaces", "2"])
+
+The YAML file's values become the parser's defaults and the command line overrides them. Every value, from
+either, is checked against its field's type when the dataclass is built (``TrainConfig.__post_init__``), and the
+``masm:`` / ``lora:`` section becomes its adapter config there, once (``TrainConfig.adapter``).
+
+What :class:`RecipeArgumentParser` adds to ``HfArgumentParser``, and why it cannot do without:
+
+- nested adapter fields, ``--masm.num_subspaces 2``: argparse has no nested options;
+- every error is one :class:`ConfigError` line naming the key and, for an unknown key, the nearest valid one
+  (``recipes/train.py`` exits with code 2): argparse prints its usage and exits by itself, and HfArgumentParser's
+  ``parse_dict`` / ``parse_yaml_file`` neither check a value's type nor name the nearest key;
+- values typed by their field, the same from YAML and the command line (argparse converts strings only):
+  ``null`` for an optional field, lists as ``a,b`` or ``[a, b]``;
+- ``--help`` names each field's type (a choice field's allowed values), default and help on its own lines.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import difflib
 import types
@@ -16,20 +31,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from transformers import HfArgumentParser
 
 __all__ = [
     "ConfigError",
+    "DetectorSettingError",
+    "RecipeArgumentParser",
     "TestSetConfig",
     "TrainConfig",
+    "adapter_config",
     "format_help",
     "from_dict",
     "load_config",
-    "parse_overrides",
+    "parse_args",
 ]
 
 
 class ConfigError(ValueError):
     """A bad recipe configuration; the message names the key and the fix."""
+
+
+class DetectorSettingError(ConfigError):
+    """The backbone and adapter settings do not make a detector (e.g. ``K*k`` at or above a layer's rank, or a
+    backbone without an image-classification architecture): found when the detector is built."""
 
 
 @dataclass
@@ -64,19 +88,26 @@ BOOKKEEPING_FIELDS = frozenset(
 )  # fmt: skip
 # Fields whose change on resume is allowed with a warning (the run goes on, but not as it was planned).
 RESUME_WARN_FIELDS = frozenset({"batch_size", "learning_rate", "epochs"})
+ADAPTER_SECTIONS = ("masm", "lora")
 
 
 @dataclass
 class TrainConfig:
-    """Everything ``recipes/train.py`` needs; ``python recipes/train.py --help`` lists each field."""
+    """Everything ``recipes/train.py`` needs; ``python recipes/train.py --help`` lists each field.
+
+    Every value is checked against its field's type when the object is built, and the ``masm:`` (or ``lora:``)
+    section becomes its adapter config object then, once: :attr:`adapter`.
+    """
+
+    _argument_group_name = "fields (set in the YAML file, or overridden as --key value)"  # HfArgumentParser
 
     # model
     backbone: str = _f("clip-vit-b16", "Hub id, local folder, or offline alias (clip-vit-b16, dinov2-s14).")
     method: Literal["masm", "lora"] = _f("masm", "The adapter: MASM, or a PEFT LoRA baseline.")
     masm: dict[str, Any] = _f(
-        {}, "MASMConfig fields (method: masm); `preset: effort|paper` starts from a preset."
+        {}, "MASMConfig fields, used when method is masm; `preset: effort|paper` starts from a preset."
     )
-    lora: dict[str, Any] = _f({}, "peft.LoraConfig fields (method: lora).")
+    lora: dict[str, Any] = _f({}, "peft.LoraConfig fields, used when method is lora.")
     pooling: Literal["model", "pooler_output"] = _f(
         "model",
         "Head input: the transformers classifier's own ('model'; CLIP averages patch tokens) or the backbone's "
@@ -130,8 +161,10 @@ class TrainConfig:
     )
     warmup_steps: int = _f(0, "Linear warm-up optimizer steps.")
     max_grad_norm: float | None = _f(None, "Clip the gradient norm to this value; null: no clipping.")
-    on_non_finite: Literal["raise", "skip"] = _f(
-        "raise", "NaN/inf gradients: stop with an error naming the step, or skip the step with a warning."
+    on_non_finite: Literal["raise", "skip"] | None = _f(
+        None,
+        "NaN/inf gradients: stop with an error naming the step, or skip the step with a warning; null: the "
+        "adapter's own setting (masm.on_non_finite, 'raise' by default; 'raise' for LoRA).",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision.")
     cpu: bool = _f(False, "Force the CPU (e.g. several CPU processes under `accelerate launch --multi_gpu`).")
@@ -160,8 +193,26 @@ class TrainConfig:
     push_to_hub: bool = _f(False, "Upload the adapter, model card and config at the end.")
     hub_model_id: str | None = _f(None, "Hub repository, org/name.")
     hub_private: bool = _f(False, "Create the Hub repository as private.")
+    # The masm: / lora: section as its config object, built once in __post_init__ (not a command-line field).
+    adapter: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.test_sets, list):  # TestSetConfig objects (from Python) kept as plain mappings
+            self.test_sets = [
+                dataclasses.asdict(t) if isinstance(t, TestSetConfig) else t for t in self.test_sets
+            ]
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            if f.init:
+                setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
+        self._check_values()
+        from .tracking import check_trackers
+
+        check_trackers(self.report_to)
+        self.test_set_configs()  # each test set checked now
+        self.adapter = adapter_config(self.method, self.masm, self.lora)  # before anything heavy loads
+
+    def _check_values(self) -> None:
         positive = (
             "epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "face_size", "fakes_per_face",
             "frames_per_video", "logging_steps", "mask_calibration_batches",
@@ -186,75 +237,38 @@ class TrainConfig:
             )
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"image_size must be positive, got {self.image_size}.")
-        check_trackers(self.report_to)
-        self.test_sets = [
-            dataclasses.asdict(t) if isinstance(t, TestSetConfig) else t for t in self.test_sets
-        ]
-        for i, t in enumerate(self.test_sets):
-            from_dict(TestSetConfig, t, where=f"test_sets[{i}]")
-        self.adapter_config()  # validates the masm: / lora: section now, before anything heavy loads
-
-    def adapter_config(self) -> Any:
-        """A new ``MASMConfig`` (method: masm) or ``peft.LoraConfig`` (method: lora) from its section.
-
-        Raises :class:`ConfigError` (one line, naming the field) for an unknown key or a bad value.
-        """
-        if self.method == "masm":
-            from ..presets import PRESETS, preset_fields
-            from ..tuner import MASMConfig
-
-            fields = dict(self.masm)
-            preset = fields.pop("preset", None)
-            if preset is not None and preset not in PRESETS:
-                raise ConfigError(
-                    f"masm.preset: unknown preset {preset!r}; known presets: {sorted(PRESETS)}."
-                )
-            _check_keys(fields, MASMConfig, "masm")
-            fields = {**(preset_fields(preset) if preset else {}), **fields}
-            return _build(MASMConfig, fields, "masm")
-        from peft import LoraConfig
-
-        _check_keys(self.lora, LoraConfig, "lora")
-        return _build(LoraConfig, dict(self.lora), "lora")
 
     def test_set_configs(self) -> list[TestSetConfig]:
         return [from_dict(TestSetConfig, t, where=f"test_sets[{i}]") for i, t in enumerate(self.test_sets)]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as given (the adapter sections as written): ``training_config.yaml``, the run's identity."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
 
     def run_identity(self) -> dict[str, Any]:
         """The fields that define what this run trains (everything but bookkeeping), for resume checks."""
         return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS}
 
 
-OWN_TRACKERS = ("json", "jsonl", "none")  # written by recipes/train.py itself, no package needed
+def adapter_config(method: str, masm: dict[str, Any], lora: dict[str, Any]) -> Any:
+    """A ``MASMConfig`` (method: masm) or ``peft.LoraConfig`` (method: lora) from a copy of its section.
 
-
-def check_trackers(names: list[str]) -> None:
-    """Raise :class:`ConfigError` for a ``report_to`` name accelerate does not know or whose package is missing.
-
-    accelerate itself only warns and drops a missing tracker, so a run would end without its logs.
+    Raises :class:`ConfigError` (one line, naming the field) for an unknown key or a bad value.
     """
-    unknown = [n for n in names if n not in OWN_TRACKERS]
-    if not unknown:
-        return
-    import accelerate.utils
-    from accelerate.utils import LoggerType
+    if method == "masm":
+        from ..presets import PRESETS, preset_fields
+        from ..tuner import MASMConfig
 
-    known = [t.value for t in LoggerType]
-    for name in unknown:
-        if name not in known:
-            valid = [*OWN_TRACKERS, *known]
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"report_to: unknown tracker {name!r}.{hint} Known: {', '.join(valid)}.")
-        available = getattr(accelerate.utils, f"is_{name}_available", lambda: True)
-        if not available():
-            raise ConfigError(
-                f"report_to: {name} is not installed; `pip install {name}`, or log without it "
-                "(--report_to json)."
-            )
+        fields = copy.deepcopy(masm)
+        preset = fields.pop("preset", None)
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(f"masm.preset: unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
+        _check_keys(fields, MASMConfig, "masm")
+        return _build(MASMConfig, {**(preset_fields(preset) if preset else {}), **fields}, "masm")
+    from peft import LoraConfig
+
+    _check_keys(lora, LoraConfig, "lora")
+    return _build(LoraConfig, copy.deepcopy(lora), "lora")
 
 
 def _build(cls: Any, fields: dict[str, Any], where: str) -> Any:
@@ -265,38 +279,154 @@ def _build(cls: Any, fields: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {message}") from None
 
 
-def format_help(cls: type = TrainConfig, prog: str = "recipes/train.py") -> str:
-    """Usage and every field of ``cls`` with its type, default and help text."""
-    hints = typing.get_type_hints(cls)
-    lines = [
-        f"usage: accelerate launch {prog} --config CONFIG.yaml [--key value ...]",
-        "",
-        (cls.__doc__ or "").strip().splitlines()[0],
-        "Every field below can be set in the YAML file or overridden as --key value (adapter fields as",
-        "--masm.num_subspaces 2 or --lora.r 8).",
-        "",
-        "options:",
-        "  --config PATH                 the YAML recipe (required; examples in recipes/configs/)",
-        "  -h, --help                    show this help and exit",
-    ]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        head = f"  --{f.name} {_type_name(hints[f.name])}"
-        lines.append(f"{head}\n      {f.metadata.get('help', '')} (default: {default!r})")
-    return "\n".join(lines)
-
-
 def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in data:
         if key not in names:
-            raise ConfigError(_unknown(key, names, where))
+            raise ConfigError(_unknown(str(key), names, where))
 
 
 def _unknown(key: str, names: list[str], where: str) -> str:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(sorted(names))}."
+
+
+# ----------------------------------------------------------------------------------------- parsing
+USAGE = "accelerate launch recipes/train.py --config CONFIG.yaml [--key value ...]"
+DESCRIPTION = """\
+Train a deepfake detector (MASM or a PEFT LoRA baseline). Every field below can be set in the YAML file or
+overridden as --key value (adapter fields as --masm.num_subspaces 2 or --lora.r 8)."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--name TYPE`` (a choice field: its allowed values), then its help and default on the next line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=6, width=110)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if action.dest == "help":
+            return ", ".join(action.option_strings)
+        head = action.option_strings[0]  # not HfArgumentParser's --hyphen-alias (accepted all the same)
+        return head if action.nargs == 0 else f"{head} {action.metavar}"
+
+
+class RecipeArgumentParser(HfArgumentParser):
+    """``HfArgumentParser(TrainConfig)`` whose values are typed by :class:`TrainConfig` itself and whose errors
+    are :class:`ConfigError` (see the module docstring for why)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            TrainConfig, prog="recipes/train.py", usage=USAGE, description=DESCRIPTION,
+            formatter_class=_HelpFormatter, allow_abbrev=False,
+        )  # fmt: skip
+        self.add_argument(
+            "--config", metavar="PATH", help="the YAML recipe (required; examples in recipes/configs/)"
+        )
+        hints = typing.get_type_hints(TrainConfig)
+        for action in self._actions:
+            if action.dest not in hints or action.dest == "adapter":
+                continue
+            if action.nargs == 0:  # HfArgumentParser's --no_<flag> for a flag that defaults to true
+                action.help = f"set {action.dest} to false"
+                continue
+            # Strings are kept as given: TrainConfig types them (the same for YAML values) with one-line errors.
+            action.type, action.choices, action.metavar = None, None, _type_name(hints[action.dest])
+            action.nargs = (
+                "?" if action.nargs == "?" else None
+            )  # a bare flag is true; a list is one value: a,b
+            action.help = f"{action.help} (default: {action.default!r})".replace("%", "%%")
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """``[--config FILE] [--key value ...]`` -> :class:`TrainConfig`: the file's values, overridden by the others."""
+    sections, rest = _split_adapter_args(argv)
+    parser = RecipeArgumentParser()
+    path = parser.parse_known_args(rest)[0].config
+    yaml_values = _read_yaml(Path(path)) if path is not None else {}
+    _check_keys(yaml_values, TrainConfig, "config")
+    parser.set_defaults(**yaml_values)
+    namespace, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise ConfigError(_unknown_argument(unknown[0]))
+    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    for section, overrides in sections.items():
+        if section != values["method"]:
+            first = next(iter(overrides))
+            raise ConfigError(
+                f"--{section}.{first}: method is {values['method']}, so the {section}: section is not used; "
+                f"drop the option or set --method {section}."
+            )
+        values[section] = {**_coerce(values[section], dict[str, Any], section), **overrides}
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read YAML ``path`` (optional), apply ``--key value`` overrides: :func:`parse_args` as a function call."""
+    return parse_args([*(["--config", str(path)] if path is not None else []), *(overrides or [])])
+
+
+def format_help() -> str:
+    """Usage and every field of :class:`TrainConfig` with its type, default and help text."""
+    return RecipeArgumentParser().format_help()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; configs live in recipes/configs/.")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+    if loaded is None:
+        raise ConfigError(
+            f"{path} is empty (or only comments): nothing says what to train. Start from a config in "
+            "recipes/configs/ (demo.yaml runs offline in minutes)."
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
+    return loaded
+
+
+def _split_adapter_args(argv: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``--masm.num_subspaces 2`` (or ``=2``; a bare ``--lora.use_dora`` means true) taken out of ``argv``:
+    ``({"masm": {"num_subspaces": 2}}, the other arguments)``."""
+    sections: dict[str, dict[str, Any]] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        section, dot, key = token[2:].partition("=")[0].partition(".")
+        if not (token.startswith("--") and dot and section in ADAPTER_SECTIONS):
+            rest.append(token)
+            i += 1
+            continue
+        text = token.partition("=")[2] if "=" in token else None
+        if text is None:
+            given = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            text = argv[i + 1] if given else "true"
+            i += given
+        sections.setdefault(section, {})[key] = _parse_value(text)
+        i += 1
+    return sections, rest
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _unknown_argument(token: str) -> str:
+    if not token.startswith("--"):
+        return f"unexpected argument {token!r}; overrides look like --key value or --key=value."
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.init]
+    return _unknown(token[2:].partition("=")[0].replace("-", "_"), names, "config")
 
 
 def _type_name(tp: Any) -> str:
@@ -311,76 +441,50 @@ def _type_name(tp: Any) -> str:
     return getattr(origin or tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_NULL = ("null", "none", "~")
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check ``value`` against type ``tp`` (converting strings from the command line); raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
+    """``value`` as type ``tp``, strings (the command line's) converted; :class:`ConfigError` names the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NULL)):
             return None
-        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
-            return None
-        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
             try:
                 return _coerce(value, arg, name)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(c) for c in args], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}.{hint}")
+            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}.{hint}")
         return value
+    if origin in (list, dict) and isinstance(value, str):  # a,b or YAML: [a, b], {key: value}
+        value = _parse_value(value) if value.strip()[:1] in ("[", "{") else [v for v in value.split(",") if v]
     if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            parsed = (
-                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            )
-            value = parsed
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r} ({type(value).__name__}).")
-        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r} ({type(value).__name__}).")
         return dict(value)
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r} ({type(value).__name__}).")
+    if tp not in _SCALARS or type(value) is tp:
         return value
-    if tp is int:
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r} ({type(value).__name__}).")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r} ({type(value).__name__}).")
+    if tp is float and type(value) is int:
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r} ({type(value).__name__}).")
-        return value
-    return value
+    if isinstance(value, str) and tp is bool and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.lower() in ("true", "yes", "1")
+    if isinstance(value, str) and tp in (int, float):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{name}: expected {_SCALARS[tp]}, got {value!r} ({type(value).__name__}).")
 
 
 T = typing.TypeVar("T")
@@ -407,71 +511,3 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing}.")
     return cls(**kwargs)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["--lr", "1e-4", "--masm.num_subspaces=2", "--push_to_hub"]`` -> nested dict of raw values."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        token = args[i]
-        if not token.startswith("--") or token == "--":
-            raise ConfigError(
-                f"unexpected argument {token!r}; overrides look like --key value or --key=value."
-            )
-        key = token[2:].replace("-", "_") if "." not in token else token[2:]
-        if "=" in key:
-            key, text = key.split("=", 1)
-            value: Any = text
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
-            i += 2
-        else:
-            value = "true"  # a bare flag
-            i += 1
-        if "." in key:
-            group, sub = key.split(".", 1)
-            out.setdefault(group, {})
-            if not isinstance(out[group], dict):
-                raise ConfigError(f"--{key}: {group!r} was already given a plain value.")
-            out[group][sub] = _parse_value(value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read YAML ``path`` (optional), apply ``--key value`` overrides, validate into :class:`TrainConfig`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found; configs live in recipes/configs/.")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err}).") from err
-        if loaded is None:
-            raise ConfigError(
-                f"{p} is empty (or only comments): nothing says what to train. Start from a config in "
-                "recipes/configs/ (demo.yaml runs offline in minutes)."
-            )
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys to values.")
-        data = dict(loaded)
-    for key, value in parse_overrides(list(overrides or [])).items():
-        if isinstance(value, dict) and isinstance(data.get(key, {}), dict):
-            merged = dict(data.get(key) or {})
-            merged.update(value)
-            data[key] = merged
-        else:
-            data[key] = value
-    return from_dict(TrainConfig, data)

@@ -131,12 +131,23 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def load_train_module():
-    """recipes/train.py imported as a module (its helpers: run_hash, list_checkpoints, outputs_to_replace, ...)."""
-    import importlib.util
+def earlier_run(out: Path, cfg_path: Path) -> list[Path]:
+    """An output folder as a finished run of the recipe leaves it (file names as recipes/train.py writes them);
+    returns some of its files."""
+    import json
 
-    spec = importlib.util.spec_from_file_location("train_recipe", RECIPES / "train.py")
-    assert spec is not None and spec.loader is not None
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    return train
+    from peft_masm.recipe.checkpoints import run_hash
+    from peft_masm.recipe.config import load_config
+
+    cfg = load_config(cfg_path)
+    ckpt = out / "checkpoints" / "step_5"
+    ckpt.mkdir(parents=True)
+    for name in ("adapter_state.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        (ckpt / name).write_bytes(b"x")
+    files = sorted(p.name for p in ckpt.iterdir())
+    run = {"hash": run_hash(cfg), "identity": cfg.run_identity(), "files": files}
+    (ckpt / "run_config.json").write_text(json.dumps(run, default=str))
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    return [ckpt / "run_config.json", out / "adapter" / "adapter_model.safetensors", out / "metrics.jsonl"]

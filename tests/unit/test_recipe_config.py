@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_masm.recipe.config import ConfigError, TrainConfig, load_config, parse_overrides
+from peft_masm.recipe.config import ConfigError, TrainConfig, load_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -83,15 +83,15 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(_yaml(tmp_path, "- a\n- b\n"))
-    with pytest.raises(ConfigError, match="unexpected argument"):
-        parse_overrides(["epochs", "3"])
+    with pytest.raises(ConfigError, match="unexpected argument 'epochs'"):
+        load_config(None, ["epochs", "3"])
 
 
 @pytest.mark.parametrize("path", sorted((RECIPES / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.output_dir
-    config = cfg.adapter_config()  # field values valid too, presets resolved
+    config = cfg.adapter  # field values valid too, presets resolved
     if path.name == "effort.yaml":
         from peft_masm.presets import masm_config
 
@@ -128,7 +128,7 @@ def test_presets_are_the_single_definition():
     from peft_masm.presets import PRESETS, masm_config
 
     cfg = load_config(None, ["--masm.preset", "effort", "--masm.partition", "contiguous"])
-    config = cfg.adapter_config()
+    config = cfg.adapter
     assert (config.num_subspaces, config.subspace_rank, config.layer_mask) == (1, 1, "none")
     assert config.partition == "contiguous"  # the section overrides the preset
     assert masm_config("paper").layer_mask == PRESETS["paper"]["layer_mask"]
@@ -180,3 +180,76 @@ def test_an_unknown_tracker_is_refused_with_the_nearest_name():
     with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'. Did you mean 'tensorboard'"):
         load_config(None, ["--report_to", "tensorbord"])
     assert load_config(None, ["--report_to", "none"]).report_to == ["none"]
+
+
+def test_the_adapter_section_becomes_its_config_object_once(tmp_path):
+    """Issue 28: the masm: section was validated into a MASMConfig, thrown away, and built again by train.py."""
+    from peft_masm.tuner import MASMConfig
+
+    cfg = load_config(
+        _yaml(tmp_path, "masm: {num_subspaces: 4, target_modules: [q_proj]}\n"), ["--masm.subspace_rank", "3"]
+    )
+    assert isinstance(cfg.adapter, MASMConfig)
+    assert (cfg.adapter.num_subspaces, cfg.adapter.subspace_rank) == (4, 3)
+    assert cfg.masm == {"num_subspaces": 4, "target_modules": ["q_proj"], "subspace_rank": 3}  # as written
+    assert "adapter" not in cfg.to_dict() and "adapter" not in cfg.run_identity()
+    lora = load_config(None, ["--method", "lora", "--lora.r", "4"]).adapter
+    assert type(lora).__name__ == "LoraConfig" and lora.r == 4
+
+
+def test_building_the_config_mutates_nothing_it_was_given():
+    section = {"num_subspaces": 2, "target_modules": ["q_proj", "v_proj"]}
+    cfg = TrainConfig(masm=section)
+    assert section == {"num_subspaces": 2, "target_modules": ["q_proj", "v_proj"]}
+    assert cfg.adapter.target_modules == {"q_proj", "v_proj"} and cfg.masm["target_modules"] == [
+        "q_proj",
+        "v_proj",
+    ]
+
+
+def test_yaml_values_are_typed_like_command_line_ones(tmp_path):
+    with pytest.raises(ConfigError, match="epochs: expected an integer, got 3.5 \\(float\\)"):
+        load_config(_yaml(tmp_path, "epochs: 3.5\n"))
+    with pytest.raises(ConfigError, match="train_families: expected a list"):
+        load_config(_yaml(tmp_path, "train_families: {sbi: 1}\n"))
+    cfg = load_config(_yaml(tmp_path, "learning_rate: 1e-4\nweight_decay: 0\nepochs: 3\n"), ["--epochs", "4"])
+    assert cfg.learning_rate == pytest.approx(1e-4) and isinstance(cfg.weight_decay, float)
+    assert cfg.epochs == 4  # the command line overrides the file
+
+
+def test_the_parser_is_hf_argument_parser_with_its_flags():
+    from transformers import HfArgumentParser
+
+    from peft_masm.recipe.config import RecipeArgumentParser
+
+    assert isinstance(RecipeArgumentParser(), HfArgumentParser)
+    assert load_config(None, ["--no_balance_classes"]).balance_classes is False
+    assert load_config(None, ["--balance-classes", "false", "--plot_mask", "no"]).plot_mask is False
+    assert load_config(None, ["--output_dir=out.d/x"]).output_dir == "out.d/x"
+    with pytest.raises(ConfigError, match="Did you mean 'epochs'"):  # no argparse prefix matching
+        load_config(None, ["--epoch", "2"])
+
+
+def test_an_override_of_the_section_the_method_does_not_use_is_refused():
+    """Every flag does what it says: --lora.r with method masm changed nothing."""
+    with pytest.raises(ConfigError, match="--lora.r: method is masm, so the lora: section is not used"):
+        load_config(None, ["--lora.r", "2"])
+
+
+def test_on_non_finite_defaults_to_the_adapters_own_setting():
+    """The recipe's on_non_finite (default 'raise') overrode masm.on_non_finite: skip without a word."""
+    cfg = load_config(None, ["--masm.on_non_finite", "skip"])
+    assert cfg.on_non_finite is None and cfg.adapter.on_non_finite == "skip"
+    assert load_config(None, ["--on_non_finite", "skip"]).on_non_finite == "skip"
+
+
+def test_help_lists_every_field_once_with_type_and_default():
+    import dataclasses
+
+    from peft_masm.recipe.config import format_help
+
+    text = format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert (f"  --{f.name} " in text) is f.init, f.name
+    assert "--learning-rate" not in text  # HfArgumentParser's hyphen aliases work but are not listed twice
+    assert "95%" in text and "(default: 'clip-vit-b16')" in text
