@@ -45,11 +45,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from method_registry import after_optimizer_step, finish_injection, method_config
 from torch import nn
 
-from peft_masm import MASMConfig, TrainingStep
+from peft_masm import TrainingStep
 from peft_masm.detector import build_detector, forward_logits, load_image_processor, predict_proba
-from peft_masm.presets import masm_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_forgery"
 DATA_VERSION = "v2"
@@ -69,9 +69,9 @@ class Method:
     """One row: how to adapt the detector, and the learning rates ``sweep`` chooses from."""
 
     name: str
-    kind: str  # "probe" (head only), "full" (every weight), "peft" (a PEFT config)
+    kind: str  # "probe" (head only), "full" (every weight), "peft" (a method of the registry)
     lrs: tuple[float, ...]
-    peft: Callable[[Any], Any] | None = None  # (BenchContext) -> PeftConfig
+    config: str | None = None  # the registry method it trains: benchmarks/methods/<config>.yaml
     part: str = "main"
     random_init: bool = False
     seed_offset: int = 0
@@ -88,7 +88,7 @@ class Method:
 
 @dataclass
 class BenchContext:
-    """What a config needs to know about the backbone and the run length."""
+    """What a method's config needs to know about the backbone and the run (the registry's ``${...}`` names)."""
 
     hidden: int
     layer_norms: list[str]
@@ -96,52 +96,11 @@ class BenchContext:
     reg_weight: float = 0.0  # this run's regulariser weight (MASM rows with regularisers)
 
 
-def _masm(ctx: BenchContext, **overrides: Any) -> MASMConfig:
-    """The full MASM of this benchmark: K=4 x k=2, both regularisers (weight chosen by ``sweep``), dynamic mask."""
-    fields: dict[str, Any] = dict(
-        num_subspaces=4,
-        subspace_rank=2,
-        orthogonality_weight=ctx.reg_weight,
-        spectral_weight=ctx.reg_weight,
-        layer_mask="dynamic",
-        mask_warmup=max(1, ctx.steps // 4),  # first decision after a quarter of the run, then ~3 more
-        mask_interval=max(1, ctx.steps // 4),
+def peft_config(method: Method, ctx: BenchContext) -> Any:
+    """The PEFT config of a ``peft`` row, from the registry; the detector adds its default targets and head."""
+    return method_config(
+        method.config, ctx.hidden, steps=ctx.steps, reg_weight=ctx.reg_weight, layer_norms=ctx.layer_norms
     )
-    fields.update(overrides)
-    return MASMConfig(**fields)
-
-
-def _lora(ctx: BenchContext):
-    from peft import LoraConfig
-
-    return LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0)  # 8 (m + n) per target = MASM's 4 x 2 factors
-
-
-def _osf(ctx: BenchContext):
-    from peft import OSFConfig
-
-    return OSFConfig(effective_rank=ctx.hidden - 8)  # trains the 8 smallest singular directions, as MASM
-
-
-def _adamss(ctx: BenchContext):
-    from peft import AdamssConfig
-
-    return AdamssConfig(
-        r=32,
-        num_subspaces=4,
-        subspace_rank=2,
-        use_asa=True,
-        asa_target_subspaces=1,  # set by make_detector to 75 % of all subspaces, like MASM's keep ratio
-        init_warmup=max(1, ctx.steps // 4),
-        final_warmup=max(2, ctx.steps * 3 // 4),
-        mask_interval=max(1, ctx.steps // 8),
-    )
-
-
-def _ln_tuning(ctx: BenchContext):
-    from peft import LNTuningConfig
-
-    return LNTuningConfig(target_modules=list(ctx.layer_norms))
 
 
 # one step beyond each edge of the first grid (1e-3, 3e-3): several methods had chosen an edge of it
@@ -149,27 +108,31 @@ ADAPTER_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def _ablation(
-    name: str, lr_scales: tuple[tuple[str, float], ...] = (), start: str = "minor", **overrides: Any
+    name: str,
+    config: str,
+    lr_scales: tuple[tuple[str, float], ...] = (),
+    regularised: bool = True,
 ) -> Method:
-    """MASM with one part removed or changed (an ablation or a variant row), at MASM's chosen learning rate and
-    regulariser weight (no sweep of its own: the row measures the part, not a retuned variant); the weight is
-    recorded only while a regulariser remains."""
-    weights = overrides.get("orthogonality_weight", 1.0) or overrides.get("spectral_weight", 1.0)
+    """MASM (``masm_swept``) with one part removed or changed (an ablation or a variant row, registry method
+    ``config``), at MASM's chosen learning rate and regulariser weight (no sweep of its own: the row measures the
+    part, not a retuned variant); the weight is recorded only while a regulariser remains (``regularised``)."""
     return Method(
         name,
         "peft",
         ADAPTER_LRS,
-        lambda ctx: _masm(ctx, **overrides),
+        config,
         part="ablation",
         lr_from="masm",
-        reg_weights=REG_WEIGHTS if weights else (),
+        reg_weights=REG_WEIGHTS if regularised else (),
         lr_scales=lr_scales,
-        start=start,
     )
 
 
 def methods() -> list[Method]:
-    """Every row of the table, in display order."""
+    """Every row of the table, in display order. The adapters are methods of the registry (benchmarks/methods/):
+    ``masm_swept`` is this benchmark's full MASM (regularisers at the swept weight, mask schedule scaled to the
+    run), ``adamss_scheduled`` AdaMSS with its schedule scaled to the run; speed.py's ``masm_reg`` and ``adamss``
+    keep PEFT's and MASM's default schedules."""
     adapter_lrs = ADAPTER_LRS
     return [
         Method("linear-probe", "probe", (3e-4, 1e-3, 3e-3, 1e-2)),
@@ -182,31 +145,31 @@ def methods() -> list[Method]:
             paired_with="linear-probe",  # the sanity row: must come out clearly below the pretrained probe
         ),
         Method("full-ft", "full", (3e-6, 1e-5, 3e-5, 1e-4)),
-        Method("lora-r8", "peft", adapter_lrs, _lora),
-        Method("osf", "peft", adapter_lrs + (3e-2,), _osf),  # chose the grid's top, 1e-2: one step more
-        Method("adamss", "peft", adapter_lrs, _adamss),
-        Method("ln-tuning", "peft", adapter_lrs, _ln_tuning),
-        Method("effort", "peft", adapter_lrs + (3e-2,), lambda ctx: masm_config("effort")),  # as OSF
-        Method("masm", "peft", adapter_lrs, _masm, reg_weights=REG_WEIGHTS),
+        Method("lora-r8", "peft", adapter_lrs, "lora_r8"),
+        Method("osf", "peft", adapter_lrs + (3e-2,), "osf"),  # chose the grid's top, 1e-2: one step more
+        Method("adamss", "peft", adapter_lrs, "adamss_scheduled"),
+        Method("ln-tuning", "peft", adapter_lrs, "ln_tuning"),
+        Method("effort", "peft", adapter_lrs + (3e-2,), "effort"),  # as OSF
+        Method("masm", "peft", adapter_lrs, "masm_swept", reg_weights=REG_WEIGHTS),
         Method(
             "effort-reseed",
             "peft",
             adapter_lrs,
-            lambda ctx: masm_config("effort"),
+            "effort",
             seed_offset=NOISE_FLOOR_OFFSET,
             lr_from="effort",
             paired_with="effort",
         ),
-        _ablation("masm-no-mask", layer_mask="none"),
-        _ablation("masm-no-ortho", orthogonality_weight=0.0),
-        _ablation("masm-no-spectral", spectral_weight=0.0),
-        _ablation("masm-no-reg", orthogonality_weight=0.0, spectral_weight=0.0),
-        _ablation("masm-K1", num_subspaces=1, subspace_rank=8),
-        _ablation("masm-no-fit-bound", fit_constraint="none"),
-        _ablation("masm-raw-s", subspace_alpha=None),  # singular values trained in raw units, as Effort does
+        _ablation("masm-no-mask", "masm_swept_no_mask"),
+        _ablation("masm-no-ortho", "masm_swept_no_ortho"),
+        _ablation("masm-no-spectral", "masm_swept_no_spectral"),
+        _ablation("masm-no-reg", "masm_swept_no_reg", regularised=False),
+        _ablation("masm-K1", "masm_swept_k1"),
+        _ablation("masm-no-fit-bound", "masm_swept_no_fit_bound"),
+        _ablation("masm-raw-s", "masm_swept_raw_s"),  # singular values trained in raw units, as Effort does
         # variants (issue 14): can the directions move faster, or is the minor subspace itself enough?
-        _ablation("masm-uv-lr10", lr_scales=(("masm_U", 10.0), ("masm_V", 10.0))),
-        _ablation("masm-s-only", train_factors="singular_values"),
+        _ablation("masm-uv-lr10", "masm_swept", lr_scales=(("masm_U", 10.0), ("masm_V", 10.0))),
+        _ablation("masm-s-only", "masm_swept_s_only"),
         # is the minor starting subspace the gap to LoRA? The same adapter on the largest directions instead (the
         # fit bound is off: a principal subspace is several rho strong from the start). Moving the principal
         # directions is riskier, so this row chooses its own learning rate (lower ones too) on validation.
@@ -214,13 +177,13 @@ def methods() -> list[Method]:
             "masm-principal",
             "peft",
             (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
-            lambda ctx: _masm(ctx, fit_constraint="none"),
+            "masm_swept_no_fit_bound",
             part="ablation",
             reg_weights=(10.0,),  # MASM's chosen weight
             start="principal",
         ),
         # issue 12's lazy regularisation: the same regularisers at every 4th step, weighted 4 times (a quarter of the cost)
-        _ablation("masm-lazy-reg4", regularization_interval=4),
+        _ablation("masm-lazy-reg4", "masm_swept_lazy_reg4"),
     ]
 
 
@@ -372,7 +335,6 @@ def make_detector(
     backbone: str, method: Method, ctx: BenchContext, seed: int
 ) -> tuple[nn.Module, Callable | None]:
     """The detector for ``method`` (the recipe's ``build_detector`` head) and its per-step allocator, if any."""
-    from peft import AdamssConfig
     from transformers import AutoModelForImageClassification
 
     torch.manual_seed(seed)
@@ -384,20 +346,14 @@ def make_detector(
         model.requires_grad_(method.kind == "full")
         head.requires_grad_(True)
         return model, None
-    config = method.peft(ctx)
+    config = peft_config(method, ctx)
     model = build_detector(backbone, masm_config=config)
     if method.start == "principal":
         _start_on_principal_directions(model)
     head = _head(model.get_base_model())
     head.requires_grad_(True)  # OSF ignores modules_to_save; every method trains the same head
-    allocate = None
-    if isinstance(config, AdamssConfig) and config.use_asa:
-        total = model.base_model._get_asa_total_subspaces()
-        config.asa_target_subspaces = max(1, round(0.75 * total))
-
-        def allocate(step: int) -> None:
-            model.base_model.update_and_allocate(step)
-
+    finish_injection(method.config, model)  # AdaMSS: its allocator keeps 75 % of all subspaces
+    allocate = after_optimizer_step(model)
     return model, allocate
 
 
@@ -666,6 +622,58 @@ def _paired_interval(
     return point, float(low), float(high)
 
 
+def _summary_row(
+    name: str,
+    items: list[dict[str, Any]],
+    references: dict[str, dict[tuple[str, int], dict[str, Any]]],
+    rng: np.random.Generator,
+    resamples: int,
+) -> dict[str, Any]:
+    """One method's row of the summary: its means over ``items`` (its table runs) and, where its partner ran the
+    same fold and seed, the paired difference against it."""
+    folds = sorted({r["fold"] for r in items})
+    per_group = {g: float(np.mean([r["test_auc"] for r in items if r["fold"] == g])) for g in folds}
+    families: dict[str, list[float]] = {}
+    for r in items:
+        for fam, value in r["test_family_auc"].items():
+            families.setdefault(fam, []).append(value)
+    row: dict[str, Any] = {
+        "method": name,
+        "runs": len(items),
+        "seeds": len({r["seed"] for r in items}),
+        "folds": folds,
+        "heldout_mean": float(np.mean(list(per_group.values()))),
+        "heldout_seed_std": float(
+            np.std(
+                [
+                    np.mean([r["test_auc"] for r in items if r["seed"] == s])
+                    for s in {r["seed"] for r in items}
+                ]
+            )
+        ),
+        "in_domain": float(np.mean([r["in_domain_auc"] for r in items])),
+        "per_group": per_group,
+        "per_family": {fam: float(np.mean(v)) for fam, v in sorted(families.items())},
+        "trainable_backbone": items[0]["trainable"]["backbone"],
+        "seconds_per_run": float(np.mean([r["seconds"] for r in items])),
+        "lr": items[0]["lr"],
+        "reg_weight": items[0].get("reg_weight"),
+    }
+    pairs = []
+    for r in items:
+        partner = METHODS[name].paired_with
+        # same fold, same seed index, same test images
+        ref = references.get(partner, {}).get((r["fold"], r["seed"]))
+        if ref is None or name == partner:
+            continue
+        pairs.append((np.array(r["test_labels"]), np.array(r["test_scores"]), np.array(ref["test_scores"])))
+    if pairs:
+        row["paired"] = _paired_interval(pairs, rng, resamples)
+        row["paired_runs"] = len(pairs)
+        row["paired_with"] = METHODS[name].paired_with
+    return row
+
+
 def report(root: Path, backbone: str, resamples: int = 300) -> dict[str, Any]:
     """Merge the table runs: per method mean held-out AUC (per group, per family), in-domain AUC, and paired
     differences against MASM. Writes ``summary.json``, ``table.md`` and the two plots."""
@@ -689,49 +697,7 @@ def report(root: Path, backbone: str, resamples: int = 300) -> dict[str, Any]:
         items = by_method[name]
         if METHODS[name].part == "main" and common:
             items = [r for r in items if r["fold"] in common]
-        folds = sorted({r["fold"] for r in items})
-        per_group = {g: float(np.mean([r["test_auc"] for r in items if r["fold"] == g])) for g in folds}
-        families: dict[str, list[float]] = {}
-        for r in items:
-            for fam, value in r["test_family_auc"].items():
-                families.setdefault(fam, []).append(value)
-        row: dict[str, Any] = {
-            "method": name,
-            "runs": len(items),
-            "seeds": len({r["seed"] for r in items}),
-            "folds": folds,
-            "heldout_mean": float(np.mean(list(per_group.values()))),
-            "heldout_seed_std": float(
-                np.std(
-                    [
-                        np.mean([r["test_auc"] for r in items if r["seed"] == s])
-                        for s in {r["seed"] for r in items}
-                    ]
-                )
-            ),
-            "in_domain": float(np.mean([r["in_domain_auc"] for r in items])),
-            "per_group": per_group,
-            "per_family": {fam: float(np.mean(v)) for fam, v in sorted(families.items())},
-            "trainable_backbone": items[0]["trainable"]["backbone"],
-            "seconds_per_run": float(np.mean([r["seconds"] for r in items])),
-            "lr": items[0]["lr"],
-            "reg_weight": items[0].get("reg_weight"),
-        }
-        pairs = []
-        for r in items:
-            partner = METHODS[name].paired_with
-            # same fold, same seed index, same test images
-            ref = references.get(partner, {}).get((r["fold"], r["seed"]))
-            if ref is None or name == partner:
-                continue
-            pairs.append(
-                (np.array(r["test_labels"]), np.array(r["test_scores"]), np.array(ref["test_scores"]))
-            )
-        if pairs:
-            row["paired"] = _paired_interval(pairs, rng, resamples)
-            row["paired_runs"] = len(pairs)
-            row["paired_with"] = METHODS[name].paired_with
-        rows.append(row)
+        rows.append(_summary_row(name, items, references, rng, resamples))
     summary = {
         "main_folds": sorted(common),
         "backbone": backbone,

@@ -60,10 +60,9 @@ def main() -> None:
 
 def training_step_images_per_second(crops: list[np.ndarray], batch: int, image_size: int) -> float:
     """Median images/s of forward + backward + MASM mask + Adam step of a CLIP ViT-B/16-shaped detector."""
+    from method_registry import method_config
     from peft import get_peft_model
     from transformers import CLIPConfig, CLIPForImageClassification
-
-    import peft_masm
 
     vision = dict(
         hidden_size=768,
@@ -74,7 +73,7 @@ def training_step_images_per_second(crops: list[np.ndarray], batch: int, image_s
         image_size=image_size,
     )
     model = CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=2))
-    model = get_peft_model(model, peft_masm.MASMConfig(modules_to_save=["classifier"]))
+    model = get_peft_model(model, method_config("masm", head=["classifier"]))  # benchmarks/methods/masm.yaml
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     resized = [
         torch.nn.functional.interpolate(

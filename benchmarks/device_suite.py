@@ -10,8 +10,8 @@ time with the forward under autocast (interleaved, synchronised; a lazily regula
 peak accelerator memory its own model and training add, and unmerged / merged inference time against the frozen
 base. Then one profiled step per method (the accelerator's kernel time against the step's wall time, and the
 ops that take it: is the step bound by the device or by the host's op dispatch?) and, with ``--compile``,
-``torch.compile`` of the forward + loss + regularisers against the same step eager, for LoRA and regularised
-MASM.
+``torch.compile`` of the forward + loss (``harness.loss_and_steps``) against the same step eager, for LoRA and
+regularised MASM.
 Every time is a median over interleaved repetitions; every ratio is a median of paired ratios. A method
 that fails is recorded under ``errors`` (one line) and the others still run: the suite is meant to be run once,
 on borrowed minutes.
@@ -27,6 +27,18 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from harness import (
+    Trainer,
+    build_base,
+    inject,
+    interleave,
+    log,
+    loss_and_steps,
+    make_batch,
+    paired_ratio,
+    param_counts,
+    shared_copy,
+)
 from torch import nn
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -47,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"model": "tiny-a", "batch": 2, "warmup": 1, "steps": 2, "infer_reps": 2, "compile_steps": 2},
 }
 DEVICE_METHODS = ("lora_r8", "masm", "masm_reg", "masm_reg_lazy4", "osf", "adamss")
-# Profiled (kernel time against wall time) and compiled (torch.compile of forward + loss + regularisers).
+# Profiled (kernel time against wall time) and compiled (torch.compile of forward + loss).
 PROFILED_METHODS = ("lora_r8", "masm", "masm_reg", "osf")
 COMPILED_METHODS = ("lora_r8", "masm_reg")
 
@@ -80,7 +92,6 @@ def _one_line(error: BaseException) -> str:
 
 
 def run_device_suite(
-    speed: Any,
     device_name: str,
     dtype_name: str | None,
     preset: str,
@@ -88,7 +99,7 @@ def run_device_suite(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     compile_methods: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Measure ``methods`` on ``device_name``; ``speed`` is the ``benchmarks/speed.py`` module (models, configs).
+    """Measure ``methods`` (registry names) on ``device_name`` with the models and step of ``harness.py``.
 
     ``on_progress`` receives the partial result after each stage (the caller saves it), so that a late failure
     keeps what was measured.
@@ -97,8 +108,8 @@ def run_device_suite(
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name) if dtype_name else None
     model_name, batch_size = settings["model"], settings["batch"]
-    base = speed.build_base(model_name).to(device)
-    pixels, labels = (t.to(device) for t in speed.make_batch(model_name, batch_size))
+    base = build_base(model_name).to(device)
+    batch = tuple(t.to(device) for t in make_batch(model_name, batch_size))
     result: dict[str, Any] = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -109,6 +120,36 @@ def run_device_suite(
         "errors": {},
     }
     progress = on_progress or (lambda partial: None)
+    steps, models = _inject_all(base, methods, batch, device, dtype, settings["warmup"], result, progress)
+    _time_steps(steps, settings["steps"], model_name, device, result)
+    progress(result)
+    _time_inference(base, models, batch[0], device, dtype, settings["infer_reps"], result)
+    progress(result)
+    result["profile"] = {}
+    for method in PROFILED_METHODS:
+        if method in steps:
+            try:
+                result["profile"][method] = profile_step(steps[method], device)
+            except Exception as error:  # noqa: BLE001
+                result["errors"][f"{method}_profile"] = _one_line(error)
+    progress(result)
+    _time_compiled(models, compile_methods, batch, device, dtype, settings["compile_steps"], result, progress)
+    progress(result)
+    return result
+
+
+def _inject_all(
+    base: nn.Module,
+    methods: tuple[str, ...],
+    batch: tuple[torch.Tensor, ...],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    warmup: int,
+    result: dict[str, Any],
+    progress: Callable[[dict[str, Any]], None],
+) -> tuple[dict[str, Callable[[], float]], dict[str, nn.Module]]:
+    """Inject each method into a copy of ``base`` and warm its step up (injection time, memory); a method that
+    fails is recorded under ``errors``. Returns each method's timed step and model."""
     steps: dict[str, Callable[[], float]] = {}
     models: dict[str, nn.Module] = {}
     for method in methods:
@@ -117,31 +158,22 @@ def run_device_suite(
             before_inject = _allocated(device)
             _sync(device)
             started = time.perf_counter()
-            model = speed.inject(speed.shared_copy(base), method).to(device)
+            model = inject(shared_copy(base), method).to(device)
             _sync(device)
             inject_s = time.perf_counter() - started
             # Autocast covers the forward pass only, as accelerate's mixed precision does.
-            trainer = speed.Trainer(model, method, (pixels, labels), autocast_dtype=dtype)
-
-            def step(trainer=trainer) -> float:
-                """Seconds per optimizer step, the mean over one regularisation cycle."""
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(trainer.cycle):
-                    trainer.training_step(trainer.batch)
-                _sync(device)
-                return (time.perf_counter() - start) / trainer.cycle
-
+            trainer = Trainer(model, method, batch, autocast_dtype=dtype)
+            step = _timed_step(trainer, device)
             before_train = _allocated(device)
-            for _ in range(settings["warmup"]):
+            for _ in range(warmup):
                 step()
             peak = _peak_memory(device)
         except Exception as error:  # noqa: BLE001 - one method's failure must not cost the others' figures
             result["errors"][method] = _one_line(error)
-            speed.log(f"device suite: {method} failed: {result['errors'][method]}")
+            log(f"device suite: {method} failed: {result['errors'][method]}")
             continue
         result["methods"][method] = {
-            "trainable": speed.param_counts(model),
+            "trainable": param_counts(model),
             "inject_s": inject_s,
             "regularization_cycle": trainer.cycle,
             "peak_train_memory_bytes": peak,
@@ -154,16 +186,50 @@ def run_device_suite(
         steps[method] = step
         models[method] = model
         progress(result)
-    speed.log(f"device suite {model_name} on {device}: timing {list(steps)}")
-    step_times = speed.interleave(steps, 0, settings["steps"])
+    return steps, models
+
+
+def _timed_step(trainer: Trainer, device: torch.device) -> Callable[[], float]:
+    def step() -> float:
+        """Seconds per optimizer step, the mean over one regularisation cycle."""
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(trainer.cycle):
+            trainer.training_step(trainer.batch)
+        _sync(device)
+        return (time.perf_counter() - start) / trainer.cycle
+
+    return step
+
+
+def _time_steps(
+    steps: dict[str, Callable[[], float]],
+    reps: int,
+    model_name: str,
+    device: torch.device,
+    result: dict[str, Any],
+) -> None:
+    """The methods' steps interleaved: times, medians and (with LoRA) paired ratios against LoRA's."""
+    log(f"device suite {model_name} on {device}: timing {list(steps)}")
+    step_times = interleave(steps, 0, reps)
     result["step_times"] = step_times
     result["step_median_s"] = {m: statistics.median(t) for m, t in step_times.items()}
     if "lora_r8" in step_times:
         result["step_ratio_vs_lora"] = {
-            m: speed.paired_ratio(t, step_times["lora_r8"]) for m, t in step_times.items()
+            m: paired_ratio(t, step_times["lora_r8"]) for m, t in step_times.items()
         }
-    progress(result)
 
+
+def _time_inference(
+    base: nn.Module,
+    models: dict[str, nn.Module],
+    pixels: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    reps: int,
+    result: dict[str, Any],
+) -> None:
+    """Unmerged and (LoRA, regularised MASM) merged forwards against the frozen base, interleaved."""
     forwards: dict[str, nn.Module] = {"base": base}
     for method, model in models.items():
         model.eval()
@@ -186,31 +252,33 @@ def run_device_suite(
 
         return run
 
-    infer = speed.interleave({name: forward(m) for name, m in forwards.items()}, 1, settings["infer_reps"])
+    infer = interleave({name: forward(m) for name, m in forwards.items()}, 1, reps)
     result["inference_times"] = infer
-    result["inference_ratio_vs_base"] = {n: speed.paired_ratio(t, infer["base"]) for n, t in infer.items()}
+    result["inference_ratio_vs_base"] = {n: paired_ratio(t, infer["base"]) for n, t in infer.items()}
     for model in models.values():
         model.train()
-    progress(result)
 
-    result["profile"] = {}
-    for method in PROFILED_METHODS:
-        if method in steps:
-            try:
-                result["profile"][method] = profile_step(steps[method], device)
-            except Exception as error:  # noqa: BLE001
-                result["errors"][f"{method}_profile"] = _one_line(error)
-    progress(result)
 
+def _time_compiled(
+    models: dict[str, nn.Module],
+    compile_methods: tuple[str, ...],
+    batch: tuple[torch.Tensor, ...],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    reps: int,
+    result: dict[str, Any],
+    progress: Callable[[dict[str, Any]], None],
+) -> None:
+    """``torch.compile`` of forward + loss (``harness.loss_and_steps``) against the same step eager, per method."""
     result["compile"] = {"steps": {}, "compile_s": {}}
     compiled_steps: dict[str, Callable[[], float]] = {}
     for method in compile_methods:
         if method not in models:
             continue
         try:
-            speed.log(f"device suite: compiling {method}")
-            _, eager, compiled = speed.loss_and_steps(
-                models[method], method, (pixels, labels), dtype, sync=lambda: _sync(device)
+            log(f"device suite: compiling {method}")
+            _, eager, compiled = loss_and_steps(
+                models[method], method, batch, dtype, sync=lambda: _sync(device)
             )
             started = time.perf_counter()
             compiled()  # compilation
@@ -220,22 +288,21 @@ def run_device_suite(
             continue
         compiled_steps[f"{method}_eager"], compiled_steps[f"{method}_compiled"] = eager, compiled
         progress(result)
-    if compiled_steps:
-        times = speed.interleave(compiled_steps, 1, settings["compile_steps"])
-        result["compile"]["steps"] = times
-        result["compile"]["compiled_vs_eager"] = {
-            method: speed.paired_ratio(times[f"{method}_compiled"], times[f"{method}_eager"])
-            for method in compile_methods
-            if f"{method}_compiled" in times
+    if not compiled_steps:
+        return
+    times = interleave(compiled_steps, 1, reps)
+    result["compile"]["steps"] = times
+    result["compile"]["compiled_vs_eager"] = {
+        method: paired_ratio(times[f"{method}_compiled"], times[f"{method}_eager"])
+        for method in compile_methods
+        if f"{method}_compiled" in times
+    }
+    if "lora_r8_compiled" in times:
+        result["compile"]["compiled_vs_lora_compiled"] = {
+            name: paired_ratio(t, times["lora_r8_compiled"])
+            for name, t in times.items()
+            if name.endswith("_compiled")
         }
-        if "lora_r8_compiled" in times:
-            result["compile"]["compiled_vs_lora_compiled"] = {
-                name: speed.paired_ratio(t, times["lora_r8_compiled"])
-                for name, t in times.items()
-                if name.endswith("_compiled")
-            }
-    progress(result)
-    return result
 
 
 def profile_step(step: Callable[[], float], device: torch.device, top: int = 8) -> dict[str, Any]:

@@ -4,13 +4,18 @@ torch.linalg.svd of the same 96 attention weights, in one run.
 Run: ``.venv/bin/python benchmarks/injection_time.py`` (2 cores; about a minute).
 """
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import peft_masm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from method_registry import method_config  # noqa: E402
 
 
 def main() -> None:
@@ -23,10 +28,11 @@ def main() -> None:
         patch_size=14,
         image_size=224,
     )
-    for label, kwargs in [("effort (K=1, k=1)", {"num_subspaces": 1, "subspace_rank": 1}), ("default", {})]:
+    # registry methods (benchmarks/methods/), on MASM's default targets
+    for label, method in [("effort (K=1, k=1)", "effort"), ("default", "masm")]:
         model = CLIPVisionModel(config)
         start = time.perf_counter()
-        peft_model = get_peft_model(model, peft_masm.MASMConfig(**kwargs))
+        peft_model = get_peft_model(model, method_config(method))
         seconds = time.perf_counter() - start
         layers = [m for m in peft_model.modules() if isinstance(m, peft_masm.MASMLayer)]
         print(f"{label}: get_peft_model incl. SVD of {len(layers)} matrices: {seconds:.2f} s", flush=True)

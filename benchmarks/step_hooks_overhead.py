@@ -5,8 +5,8 @@
 
 Each method's step (``peft_masm.TrainingStep``, AdamW) is timed interleaved with the others in one process, on
 ViT-B/16 at batch 1 and 8 and on the host-bound stand-in of a GPU step (``narrow-l14``: ViT-L/14's 24 blocks at
-width 64, see ``speed.py``). ``masm`` / ``masm_reg`` use the step hooks (the default), ``*_explicit`` the same
-config with ``step_hooks=False`` (the loop adds the regularisers to the loss and calls the mask and the fit
+width 64, see ``harness.py``). ``masm`` / ``masm_reg`` use the step hooks (the default), ``*_explicit`` the same
+config with ``step_hooks=False`` (``benchmarks/methods/*_explicit.yaml``) (the loop adds the regularisers to the loss and calls the mask and the fit
 bound). Writes ``benchmarks/results/step_hooks_overhead.json``: per setting the median seconds of each method and
 the paired ratios hooks / explicit and method / LoRA.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import speed  # noqa: E402
+import harness  # noqa: E402
 
 METHODS = ["lora_r8", "masm", "masm_explicit", "masm_reg", "masm_reg_explicit"]
 PAIRS = [
@@ -34,14 +34,14 @@ PAIRS = [
 
 
 def measure(model: str, batch: int, steps: int) -> dict:
-    trained = speed.time_training(model, METHODS, batch, warmup=2, steps=steps)
+    trained = harness.time_training(model, METHODS, batch, warmup=2, steps=steps)
     times = trained["times"]
     return {
         "model": model,
         "batch": batch,
         "steps": steps,
-        "median_s": {m: speed.summary(t)["median"] for m, t in times.items()},
-        "ratios": {f"{a} / {b}": speed.paired_ratio(times[a], times[b]) for a, b in PAIRS},
+        "median_s": {m: harness.summary(t)["median"] for m, t in times.items()},
+        "ratios": {f"{a} / {b}": harness.paired_ratio(times[a], times[b]) for a, b in PAIRS},
     }
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument(
-        "--out", type=Path, default=speed.ROOT / "benchmarks" / "results" / "step_hooks_overhead.json"
+        "--out", type=Path, default=harness.ROOT / "benchmarks" / "results" / "step_hooks_overhead.json"
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -58,7 +58,7 @@ def main() -> None:
     settings = (
         [("tiny-a", 1, 3)] if args.quick else [("vit-b16", 1, 12), ("vit-b16", 8, 6), ("narrow-l14", 2, 40)]
     )
-    results = {"machine": speed.machine_facts(), "settings": []}
+    results = {"machine": harness.machine_facts(), "settings": []}
     for model, batch, steps in settings:
         results["settings"].append(measure(model, batch, steps))
         results["machine"]["loadavg_end"] = os.getloadavg()

@@ -1,0 +1,161 @@
+"""The benchmarks' one registry of methods: every method is a file ``benchmarks/methods/<name>.yaml``.
+
+A method file holds (PEFT's ``method_comparison`` keeps one adapter config per experiment the same way)::
+
+    description: one line
+    peft_type: MASM            # a PEFT type (LORA, OSF, ADAMSS, LN_TUNING, MASM, ...); null: the frozen base
+    preset: effort             # optional, MASM only: the fields of peft_masm.presets' preset, under `config`
+    extends: masm_reg          # optional: another method file, whose fields this one overrides
+    asa_keep_ratio: 0.75       # optional, AdaMSS: the allocator's target as a share of all subspaces
+    config:                    # the config's keyword arguments
+      orthogonality_weight: 0.1
+      target_modules: ${targets}
+
+A value written ``${...}`` is computed from what the benchmark knows (``method_config``'s arguments): ``hidden``
+(the model width), ``targets`` and ``head`` (target modules and ``modules_to_save``; when the benchmark gives none
+the key is left out and the config's default applies), ``steps`` (the run length), ``reg_weight`` (a swept
+regulariser weight) and ``layer_norms``; ``+ - * //``, ``max`` and ``min`` combine them.
+
+``speed.py`` (and ``device_suite.py``, ``step_hooks_overhead.py``, ``step_breakdown.py`` through it) names
+methods by file; ``cross_forgery.py``'s rows name the file they train.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import operator
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS_DIR = Path(__file__).resolve().parent / "methods"
+_EXPRESSION = re.compile(r"^\$\{(.+)\}$", re.DOTALL)
+_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+}
+_FUNCTIONS = {"max": max, "min": min}
+_SPEC_KEYS = {"description", "peft_type", "preset", "extends", "asa_keep_ratio", "config"}
+
+
+def names() -> list[str]:
+    """Every method of the registry, sorted."""
+    return sorted(path.stem for path in METHODS_DIR.glob("*.yaml"))
+
+
+@functools.cache
+def _read(name: str) -> dict[str, Any]:
+    path = METHODS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown method {name!r}: no {path.relative_to(METHODS_DIR.parent.parent)}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown keys {sorted(unknown)} (known: {sorted(_SPEC_KEYS)})")
+    return spec
+
+
+def spec(name: str) -> dict[str, Any]:
+    """Method ``name``'s fields with its ``extends`` chain resolved (``config`` merged, the file's own winning)."""
+    own = _read(name)
+    if "extends" not in own:
+        return {**own, "config": dict(own.get("config") or {})}
+    parent = spec(own["extends"])
+    merged = {**parent, **{k: v for k, v in own.items() if k not in ("config", "extends")}}
+    merged["config"] = {**parent["config"], **(own.get("config") or {})}
+    return merged
+
+
+def _evaluate(text: str, context: dict[str, Any], method: str) -> Any:
+    """The value of one ``${...}`` expression over ``context`` (names, numbers, + - * //, max, min)."""
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in context:
+                raise ValueError(f"method {method!r} needs {node.id!r} from the benchmark (in {text!r})")
+            return context[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in _FUNCTIONS and not node.keywords:
+            return _FUNCTIONS[node.func.id](*(value(arg) for arg in node.args))
+        raise ValueError(f"method {method!r}: unsupported expression {text!r}")
+
+    return value(ast.parse(text.strip(), mode="eval").body)
+
+
+def config_kwargs(name: str, context: dict[str, Any]) -> dict[str, Any]:
+    """The config keyword arguments of ``name`` (preset fields, then the file's), expressions computed; an
+    expression that comes out None (e.g. ``${targets}`` when the benchmark gives no targets) is left out."""
+    fields = spec(name)
+    kwargs: dict[str, Any] = {}
+    if fields.get("preset"):
+        from peft_masm.presets import preset_fields
+
+        kwargs.update(preset_fields(fields["preset"]))
+    for key, raw in fields["config"].items():
+        match = _EXPRESSION.match(raw) if isinstance(raw, str) else None
+        value = _evaluate(match.group(1), context, name) if match else raw
+        if match and value is None:
+            kwargs.pop(key, None)
+        else:
+            kwargs[key] = value
+    return kwargs
+
+
+def method_config(
+    name: str,
+    hidden: int | None = None,
+    targets: Any = None,
+    *,
+    head: list[str] | None = None,
+    **context: Any,
+) -> Any:
+    """The PEFT config of method ``name`` (None for the frozen base, ``peft_type: null``).
+
+    ``hidden``: the model width; ``targets`` / ``head``: ``target_modules`` / ``modules_to_save`` (None: the
+    config's default); ``context``: the other names the method's expressions may use (``steps``, ``reg_weight``,
+    ``layer_norms``).
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    import peft_masm  # noqa: F401  (registers MASM with PEFT)
+
+    peft_type = spec(name).get("peft_type")
+    if peft_type is None:
+        return None
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(f"method {name!r}: unknown peft_type {peft_type!r}")
+    kwargs = config_kwargs(name, {"hidden": hidden, "targets": targets, "head": head, **context})
+    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**kwargs)
+
+
+def is_masm(name: str) -> bool:
+    """Whether method ``name`` is a MASM adapter."""
+    return spec(name).get("peft_type") == "MASM"
+
+
+def finish_injection(name: str, model: Any) -> None:
+    """What method ``name`` sets once its adapter is injected: AdaMSS's allocator target (``asa_keep_ratio``)."""
+    ratio = spec(name).get("asa_keep_ratio")
+    if ratio is not None:
+        config = model.peft_config["default"]
+        config.asa_target_subspaces = max(1, round(ratio * model.base_model._get_asa_total_subspaces()))
+
+
+def after_optimizer_step(model: Any) -> Any:
+    """The per-step callback a method needs after each optimizer step (AdaMSS's allocator), or None."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if getattr(config, "peft_type", None) == "ADAMSS" and getattr(config, "use_asa", False):
+
+        def allocate(step: int) -> None:
+            model.base_model.update_and_allocate(step)
+
+        return allocate
+    return None
