@@ -17,7 +17,6 @@ checkpoints, rotation, resume), ``tracking`` (metrics.jsonl), ``interrupts`` (Ct
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -36,11 +35,10 @@ from transformers import get_scheduler
 
 from peft_masm.data import collate
 from peft_masm.detector import (
+    MASMDetector,
     build_detector,
     forward_logits,
     load_image_processor,
-    push_detector_to_hub,
-    save_detector,
 )
 from peft_masm.evaluation import predict, score_sets
 from peft_masm.hub import resolve_token
@@ -75,8 +73,8 @@ def training_function(cfg: TrainConfig, state: TrainState) -> dict[str, Any]:
     log = accelerator.print
     resume_path = prepare_output_dir(accelerator, cfg, log)  # the checkpoint to resume from, if any
     set_seed(cfg.seed)
-    peft_model, processor, data = build_model_and_data(cfg, accelerator)
-    step, train_loader = prepare_training(cfg, accelerator, peft_model, data)
+    detector, data = build_detector_and_data(cfg, accelerator)
+    step, train_loader = prepare_training(cfg, accelerator, detector.model, data)
     register_checkpointing(accelerator, state, step)  # progress, step count, mask statistics, adapter weights
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
@@ -86,7 +84,7 @@ def training_function(cfg: TrainConfig, state: TrainState) -> dict[str, Any]:
         calibration = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
         step.calibrate(calibration, cfg.mask_calibration_batches)
 
-    stopped = train(cfg, accelerator, step, train_loader, data, processor, state)
+    stopped = train(cfg, accelerator, step, train_loader, data, detector, state)
     summary: dict[str, Any] = {
         "output_dir": cfg.output_dir,
         "stopped_early": stopped,
@@ -100,21 +98,21 @@ def training_function(cfg: TrainConfig, state: TrainState) -> dict[str, Any]:
         summary.update(best_epoch=state.best_epoch, best_val_metric=state.best_metric)
         summary["adapter_dir"] = str(Path(cfg.output_dir) / "adapter")
         if accelerator.is_main_process:
-            summary.update(finish(cfg, accelerator.unwrap_model(step.model), data, processor, log))
+            summary.update(finish(cfg, detector, data, log))
         accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def build_model_and_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Any, Any, RecipeData]:
-    """The detector (first: a bad adapter setting fails before the data is built), its image processor, the data."""
+def build_detector_and_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple[MASMDetector, RecipeData]:
+    """The detector (first: a bad adapter setting fails before the data is built) and the data."""
     log = accelerator.print
     log(f"[1/4] backbone {cfg.backbone!r} (offline aliases are prepared from packaged weights on first use)")
     with accelerator.main_process_first():
         processor = load_image_processor(cfg.backbone, cfg.image_size)
     log(f"[2/4] detector: {cfg.method} on {cfg.backbone} (pooling: {cfg.pooling})")
-    try:  # from a copy of the adapter config the config was parsed into (build_detector fills in some fields)
-        peft_model = build_detector(cfg.backbone, copy.deepcopy(cfg.adapter), pooling=cfg.pooling)  # SVD here
+    try:  # from the adapter config object the config was parsed into (build_detector copies it)
+        peft_model = build_detector(cfg.backbone, cfg.adapter, pooling=cfg.pooling)  # MASM's SVD runs here
     except ValueError as err:  # the adapter does not fit this backbone (K*k at or above a layer's rank, ...)
         raise DetectorSettingError(str(err)) from err
     if accelerator.is_main_process:
@@ -125,7 +123,7 @@ def build_model_and_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple[An
         data = build_data(cfg, processor)
     tests = ", ".join(f"{name} ({len(ds)})" for name, ds in data.tests.items()) or "none"
     log(f"      train {len(data.train)}, validation {len(data.val)}, test sets: {tests}")
-    return peft_model, processor, data
+    return MASMDetector(peft_model, processor, training_config=cfg.to_dict()), data
 
 
 def prepare_training(
@@ -164,7 +162,7 @@ def classification_loss(
 
 
 def train(cfg: TrainConfig, accelerator: Accelerator, step: TrainingStep, train_loader: Any, data: RecipeData,
-          processor: Any, state: TrainState) -> bool:  # fmt: skip
+          detector: MASMDetector, state: TrainState) -> bool:  # fmt: skip
     """The epochs left (all, or from where a resumed run stopped); True if ``stop_after_step`` stopped the run."""
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)  # this process's share
     accelerator.print(f"[4/4] training {cfg.epochs} epoch(s), {steps_per_epoch} optimizer steps each, on "
@@ -179,7 +177,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator, step: TrainingStep, train_
         while state.epoch < cfg.epochs:
             if train_epoch(cfg, accelerator, step, train_loader, state, progress):
                 return True
-            validate(cfg, accelerator, step.model, data, processor, state, t0)
+            validate(cfg, accelerator, step.model, data, detector, state, t0)
             state.epoch += 1
             state.step_in_epoch = 0
             save_checkpoint(accelerator, state, cfg)
@@ -220,7 +218,7 @@ def train_epoch(cfg: TrainConfig, accelerator: Accelerator, step: TrainingStep, 
     return False
 
 
-def validate(cfg: TrainConfig, accelerator: Accelerator, model: Any, data: RecipeData, processor: Any,
+def validate(cfg: TrainConfig, accelerator: Accelerator, model: Any, data: RecipeData, detector: MASMDetector,
              state: TrainState, t0: float) -> None:  # fmt: skip
     """Validation on the held-out split of the training domain (never a test set); the best epoch is saved."""
     labels, scores, _, val_loss = predict(model, data.val, cfg.eval_batch_size, accelerator=accelerator)
@@ -234,20 +232,20 @@ def validate(cfg: TrainConfig, accelerator: Accelerator, model: Any, data: Recip
     if improved:
         state.best_metric, state.best_epoch = float(metric), state.epoch
         if accelerator.is_main_process:
-            save_adapter(cfg, accelerator.unwrap_model(model), processor)
+            save_adapter(cfg, detector)  # detector.model is the model being trained, unwrapped
     accelerator.wait_for_everyone()
 
 
-def save_adapter(cfg: TrainConfig, model: Any, processor: Any, results: Any = None) -> None:
+def save_adapter(cfg: TrainConfig, detector: MASMDetector, results: Any = None) -> None:
     """``output_dir/adapter``: the adapter, its image processor, training config and model card (Ctrl-C waits)."""
     with interrupts_held():
-        save_detector(model, Path(cfg.output_dir) / "adapter", image_processor=processor, training_config=cfg.to_dict(),
-                      eval_results=results, synthetic_benchmark=cfg.data == "synthetic", repo_id=cfg.hub_model_id)  # fmt: skip
+        detector.save_pretrained(Path(cfg.output_dir) / "adapter", eval_results=results, repo_id=cfg.hub_model_id,
+                                 synthetic_benchmark=cfg.data == "synthetic")  # fmt: skip
 
 
-def finish(cfg: TrainConfig, model: Any, data: RecipeData, processor: Any, log: Any) -> dict[str, Any]:
+def finish(cfg: TrainConfig, detector: MASMDetector, data: RecipeData, log: Any) -> dict[str, Any]:
     """Main process: mask heatmap, test-set scores of the best-on-validation adapter, model card, Hub push."""
-    out_dir, adapter_dir = Path(cfg.output_dir), Path(cfg.output_dir) / "adapter"
+    out_dir, adapter_dir, model = Path(cfg.output_dir), Path(cfg.output_dir) / "adapter", detector.model
     written: dict[str, Any] = {}
     if cfg.method == "masm" and cfg.plot_mask and cfg.adapter.layer_mask != "none":
         from peft_masm.visualization import plot_mask_history
@@ -263,11 +261,12 @@ def finish(cfg: TrainConfig, model: Any, data: RecipeData, processor: Any, log: 
                                 subsets=data.test_subsets))  # fmt: skip
         written.update(results_json=str(out_dir / "results.json"), results_md=str(out_dir / "results.md"),
                        roc_plot=str(out_dir / "roc.png"), results=results)  # fmt: skip
-    save_adapter(cfg, model, processor, results)
+    save_adapter(cfg, detector, results)
     written["model_card"] = str(adapter_dir / "README.md")
     if cfg.push_to_hub:
         assert cfg.hub_model_id is not None  # checked when the config was parsed
-        written["hub_commit"] = push_detector_to_hub(adapter_dir, cfg.hub_model_id, private=cfg.hub_private)
+        written["hub_commit"] = detector.push_to_hub(cfg.hub_model_id, private=cfg.hub_private, eval_results=results,
+                                                     synthetic_benchmark=cfg.data == "synthetic")  # fmt: skip
         log(f"pushed the adapter to {cfg.hub_model_id}: {written['hub_commit']}")
     return written
 
