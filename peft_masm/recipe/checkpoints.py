@@ -265,10 +265,14 @@ def save_adapter_state(
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from ..detector import embedding_layers_to_save
+
     if not adapter_only:
         return
     if accelerator.is_main_process:
-        state = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))
+        model = accelerator.unwrap_model(models[0])
+        # What PEFT's "auto" decides, without its Hub look-up of the base (a warning for an offline alias).
+        state = get_peft_model_state_dict(model, save_embedding_layers=embedding_layers_to_save(model))
         save_file(state, os.path.join(output_dir, "adapter_state.safetensors"))
     weights.clear()
 
