@@ -109,24 +109,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 "nothing to evaluate: pass --test [NAME=]KIND:PATH (repeatable) and/or --config."
             )
-        from peft_masm.detector import load_detector
+        from peft_masm.detector import MASMDetector
 
-        model, processor = load_detector(args.adapter, base_model=args.base_model)
+        detector = MASMDetector.from_pretrained(args.adapter, base_model=args.base_model)
+        model, processor = detector.model, detector.image_processor
         from peft_masm.recipe.data import build_data, load_test_set
 
         sets, subsets = {}, {}
         if cfg is not None:
-            cfg.image_size = (
-                processor.crop_size.get("height") if getattr(processor, "crop_size", None) else None
-            )
             built = build_data(cfg, processor)
             sets.update(built.tests)
             subsets.update(built.test_subsets)
-        cropper = None
-        if args.face_detector != "none":
-            from peft_masm.data import FaceCropper
-
-            cropper = FaceCropper(detector=args.face_detector, size=256, margin=1.3)
+        # The face crop the detector was trained on, from its saved detector_config.json.
+        cropper = None if args.face_detector == "none" else detector.face_cropper(args.face_detector)
         for t in tests:
             sets[t.name] = load_test_set(t, processor, cropper)
         if not sets:
