@@ -31,12 +31,25 @@ import torch
 
 from peft_masm import TrainingStep
 from peft_masm.detector import load_image_processor
+from peft_masm.tuner import stacked
 
 RESULTS = Path(__file__).resolve().parent / "results" / "regularizer_scale"
 
 
 def _spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _per_layer_terms(tuner: Any) -> dict[str, list[float]]:
+    """Each layer's unweighted terms, from the stacks the model's own ``regularization_loss`` averages."""
+    adapter = tuner.active_adapters[0]
+    layers = [layer for _, layer in tuner.masm_layers(adapter)]
+    values: dict[str, list[float]] = {"orthogonality": [], "spectral": []}
+    with torch.no_grad():
+        for group in stacked.same_shape_groups(layers, adapter):
+            for key, terms in stacked.regularization_terms(group, adapter).items():
+                values[key] += terms.tolist()
+    return values
 
 
 def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[str, Any]:
@@ -55,14 +68,14 @@ def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[s
         grads[name] = float(
             torch.sqrt(sum((g.square().sum() for g in parts if g is not None), torch.zeros(())))
         )
-    per_layer = [layer.regularization_terms(tuner.active_adapters[0]) for _, layer in tuner.masm_layers()]
+    per_layer = _per_layer_terms(tuner)
     movement = [m for moves in tuner.subspace_movement().values() for m in moves]
     return {
         "task_loss": float(task.detach()),
         "orthogonality": float(terms["orthogonality"]),
         "spectral": float(terms["spectral"]),
-        "orthogonality_per_layer": _spread([float(t["orthogonality"]) for t in per_layer]),
-        "spectral_per_layer": _spread([float(t["spectral"]) for t in per_layer]),
+        "orthogonality_per_layer": _spread(per_layer["orthogonality"]),
+        "spectral_per_layer": _spread(per_layer["spectral"]),
         "grad_norm": grads,
         "grad_ratio": {
             name: (grads[name] / grads["task"] if grads["task"] > 0 else float("nan"))

@@ -5,9 +5,9 @@ Four parts, each timed in one process (medians; the model forward + backward int
 
 * model forward + backward (cross-entropy, batch 1), per method and as a ratio to LoRA's;
 * one AdamW step over each method's trainable tensors, with torch's default CPU implementation and ``foreach``;
-* MASM's fit-bound projection (``apply_fit_bound``, every optimizer step);
-* MASM's regularisers (``regularization_loss()`` forward + backward), and the share of it spent in the
-  products with the frozen weights (``aten::mm``, from ``torch.profiler``);
+* MASM's fit-bound projection (``project_fit_bound``, what the step hook runs after every optimizer step);
+* MASM's regularisers (``regularization_terms()`` forward + backward, the step hook's call), and the share of it
+  spent in the products with the frozen weights (``aten::mm``, from ``torch.profiler``);
 * the ops the host dispatches per part (aten ops counted by ``torch.profiler``: what a host-bound GPU step pays
   per op), and the inference cache check of one MASM layer (``delta_factors`` under ``inference_mode``).
 
@@ -99,7 +99,7 @@ def main() -> None:
 
     masm = models["masm_reg"].base_model
     print(
-        f"fit-bound projection: {median_ms(masm.apply_fit_bound):.1f} ms, {aten_ops(masm.apply_fit_bound)} ops"
+        f"fit-bound projection: {median_ms(masm.project_fit_bound):.1f} ms, {aten_ops(masm.project_fit_bound)} ops"
     )
     _, layer = next(masm.masm_layers())
     with torch.inference_mode():
@@ -107,7 +107,7 @@ def main() -> None:
     print(f"inference cache check of one layer (delta_factors, cached): {check_us:.1f} us")
 
     def regularisers() -> None:
-        masm.regularization_loss()["total"].backward()
+        masm.regularization_terms()["total"].backward()
         masm.zero_grad(set_to_none=True)
 
     print(f"regularisers forward+backward: {median_ms(regularisers):.1f} ms")

@@ -12,9 +12,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from . import stacked
 from .config import DEFAULT_ATTENTION_TARGETS, MASMConfig, no_default_targets_message
 from .decomposition import minor_triplets_many
-from .layer import BaseModelMismatchError, Linear, MASMLayer, stacked_fit_bound, stacked_regularization_terms
+from .layer import BaseModelMismatchError, Linear, MASMLayer
 from .mask import LayerMaskController
 from .step_hooks import StepState, watch
 
@@ -222,7 +223,7 @@ class MASMModel(BaseTuner):
             p
             for _, layer in self.masm_layers(adapter_name)
             for factor in ("masm_U", "masm_s", "masm_V")
-            for p in layer._trainable(factor, adapter_name)
+            for p in layer.trainable_tensors(factor, adapter_name)
         ]
 
     def _deprecated_call(self, name: str, replacement: str) -> None:
@@ -259,17 +260,16 @@ class MASMModel(BaseTuner):
         layers = [layer for _, layer in self.masm_layers(adapter_name)]
         if not layers:
             raise ValueError(f"No MASM layer holds adapter '{adapter_name}'.")
-        device = layers[0].masm_U0[adapter_name].device
-        zero = torch.zeros((), device=device)
         if not compute_all and config.orthogonality_weight == 0 and config.spectral_weight == 0:
+            device = layers[0].masm_U0[adapter_name].device
             not_computed = torch.full((), float("nan"), device=device)
-            return {"orthogonality": not_computed, "spectral": not_computed, "total": zero}
-        orthogonality, spectral = zero, zero
-        for group in _same_shape_groups(layers, adapter_name):
-            terms = stacked_regularization_terms(group, adapter_name)
-            orthogonality = orthogonality + terms["orthogonality"].sum()
-            spectral = spectral + terms["spectral"].sum()
-        orthogonality, spectral = orthogonality / len(layers), spectral / len(layers)
+            return {
+                "orthogonality": not_computed,
+                "spectral": not_computed,
+                "total": torch.zeros((), device=device),
+            }
+        terms = stacked.mean_regularization_terms(layers, adapter_name)
+        orthogonality, spectral = terms["orthogonality"], terms["spectral"]
         total = config.orthogonality_weight * orthogonality + config.spectral_weight * spectral
         return {"orthogonality": orthogonality, "spectral": spectral, "total": total}
 
@@ -297,27 +297,16 @@ class MASMModel(BaseTuner):
         adapter_name = adapter_name or self.active_adapters[0]
         if self.peft_config[adapter_name].fit_constraint != "projection":
             return torch.zeros((), dtype=torch.long)
-        layers = [
-            layer
-            for _, layer in self.masm_layers(adapter_name)
-            if not layer.pending_decomposition(adapter_name)
-        ]
-        counts = [
-            stacked_fit_bound(group, adapter_name) for group in _same_shape_groups(layers, adapter_name)
-        ]
-        if not counts:
-            return torch.zeros((), dtype=torch.long)
-        return torch.stack([count.to(counts[0].device) for count in counts]).sum()
+        return stacked.project_fit_bound([layer for _, layer in self.masm_layers(adapter_name)], adapter_name)
 
     @torch.no_grad()
     def subspace_movement(self, adapter_name: str | None = None) -> dict[str, list[float]]:
         """Per layer, how far each artifact subspace moved from its start, in units of the layer's scale rho
         (``||U_j s_j V_j^T - U_j0 s_j0 V_j0^T||_F / rho``), and its spectral norm in the same unit."""
         adapter_name = adapter_name or self.active_adapters[0]
-        return {
-            name: layer.subspace_movement(adapter_name).tolist()
-            for name, layer in self.masm_layers(adapter_name)
-        }
+        named = list(self.masm_layers(adapter_name))
+        moved = stacked.subspace_movement([layer for _, layer in named], adapter_name)
+        return {name: values.tolist() for (name, _), values in zip(named, moved)}
 
     # ---------------------------------------------------------------------------------- layer mask
     @property
@@ -438,13 +427,3 @@ def _check_loaded_adapter_complete(module: MASMModel, incompatible_keys) -> None
 def _pass_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
-
-
-def _same_shape_groups(layers: list[MASMLayer], adapter_name: str) -> list[list[MASMLayer]]:
-    """Layers grouped by weight shape and device, so that each group is computed as one stack (a ViT's
-    attention projections are one group; adding the MLP adds two)."""
-    groups: dict[tuple, list[MASMLayer]] = {}
-    for layer in layers:
-        key = (layer.out_features, layer.in_features, layer.masm_U0[adapter_name].device)
-        groups.setdefault(key, []).append(layer)
-    return list(groups.values())

@@ -1,4 +1,4 @@
-"""MASM's regularisers as pure functions of one layer's factors (method.md, section 2).
+"""MASM's regularisers (method.md, section 2) as pure functions of stacked factors.
 
 Every term is scale-free: it is measured in units of the layer's *reference scale*
 ``rho = ||W||_F / sqrt(d)`` (the root-mean-square singular value of the frozen weight, which cannot
@@ -9,7 +9,8 @@ subspaces have moved by the layer's own scale, whatever the backbone, width or p
 
 Everything is computed from ``K*k``-column factors and small ``K*k x K*k`` Gram matrices; the only
 products with the base weight are ``W^T U`` and ``W V``, once each per layer (no dense m x n matrix is
-formed). Every function here runs in float32 even inside ``torch.autocast`` (see ``full_precision``).
+formed). Inputs are stacked over L layers of one shape (one layer is a stack of one); ``stacked.py`` gathers
+them from the layers. Every function here runs in float32 even inside ``torch.autocast`` (see ``full_precision``).
 """
 
 from __future__ import annotations
@@ -116,7 +117,14 @@ def stacked_terms(
     subspace_rank: int,
     fit_bound: float | None,
 ) -> dict[str, torch.Tensor]:
-    """``orthogonality`` and ``spectral`` (each (L,)) of L layers of one shape at once.
+    """``orthogonality`` and ``spectral`` (each (L,), unweighted, each O(1)) of L layers of one shape at once.
+
+    - orthogonality = (cross-subspace overlap + within-subspace departure from orthonormality) per
+      trained column, plus semantic leakage: the energy ``||W_P^T u||^2 + ||W_P v||^2`` that the columns
+      pick up from the frozen principal part ``W_P``, per column and in units of ``rho^2`` (a random unit
+      direction reads about 1, a minor singular direction 0);
+    - spectral = energy drift ``((||W'||^2 - ||W||^2) / ||W||^2)^2`` plus, when ``fit_bound`` is given,
+      the fit penalty ``sum_j relu(||U_j diag(s_j) V_j^T||_2 / rho - fit_bound)^2``.
 
     Inputs are stacked over layers: ``U``, ``U0`` (L, m, T); ``V``, ``V0`` (L, n, T); ``s``, ``s0`` (L, T);
     the two products with each frozen weight ``w_t_u = W^T U`` (L, n, T) and ``w_v = W V`` (L, m, T);
@@ -158,51 +166,6 @@ def stacked_terms(
 
 
 @full_precision
-def layer_terms(
-    weight: torch.Tensor,
-    U: torch.Tensor,
-    s: torch.Tensor,
-    V: torch.Tensor,
-    U0: torch.Tensor,
-    s0: torch.Tensor,
-    V0: torch.Tensor,
-    subspace_rank: int,
-    fit_bound: float | None,
-    energy: torch.Tensor | float | None = None,
-) -> dict[str, torch.Tensor]:
-    """One layer's ``orthogonality`` and ``spectral`` values (unweighted), each O(1).
-
-    - orthogonality = (cross-subspace overlap + within-subspace departure from orthonormality) per
-      trained column, plus semantic leakage: the energy ``||W_P^T u||^2 + ||W_P v||^2`` that the columns
-      pick up from the frozen principal part ``W_P``, per column and in units of ``rho^2`` (a random unit
-      direction reads about 1, a minor singular direction 0);
-    - spectral = energy drift ``((||W'||^2 - ||W||^2) / ||W||^2)^2`` plus, when ``fit_bound`` is given,
-      the fit penalty ``sum_j relu(||U_j diag(s_j) V_j^T||_2 / rho - fit_bound)^2``.
-
-    ``energy`` (``||W||_F^2`` of the frozen base weight) may be passed when known, to skip a pass over
-    the weight. The formulas are those of ``stacked_terms`` with one layer.
-    """
-    if energy is None:
-        energy = weight.square().sum()
-    energy = torch.as_tensor(energy, dtype=U.dtype, device=U.device).reshape(1)
-    terms = stacked_terms(
-        (weight.T @ U)[None],
-        (weight @ V)[None],
-        U[None],
-        s[None],
-        V[None],
-        U0[None],
-        s0[None],
-        V0[None],
-        energy,
-        min(weight.shape),
-        subspace_rank,
-        fit_bound,
-    )
-    return {key: value[0] for key, value in terms.items()}
-
-
-@full_precision
 def fit_bound_scales(
     U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int, limit: float | torch.Tensor
 ) -> torch.Tensor:
@@ -211,4 +174,4 @@ def fit_bound_scales(
     return (limit / norms.clamp_min(1e-30)).clamp(max=1.0)
 
 
-__all__ = ["fit_bound_scales", "full_precision", "layer_terms", "stacked_terms", "subspace_spectral_norms"]
+__all__ = ["fit_bound_scales", "full_precision", "stacked_terms", "subspace_spectral_norms"]

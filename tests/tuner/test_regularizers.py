@@ -5,8 +5,9 @@ import torch
 from peft import get_peft_model
 
 from peft_masm import MASMConfig
+from peft_masm.tuner import stacked
 from peft_masm.tuner.layer import MASMLayer
-from peft_masm.tuner.regularizers import layer_terms
+from peft_masm.tuner.regularizers import stacked_terms
 
 from .conftest import tiny_vit
 
@@ -44,22 +45,35 @@ def _dense_reference(W, U, s, V, U0, s0, V0, k, gamma):
     }
 
 
-@pytest.mark.parametrize("gamma", [0.05, None])
-@pytest.mark.parametrize("k", [1, 3])
-def test_layer_terms_match_the_dense_formulas(k, gamma):
-    torch.manual_seed(0)
-    K, m, n = 3, 40, 30
-    W = torch.randn(m, n, dtype=torch.float64)
+def _terms_of_stack(layers, k, gamma):
+    """``stacked_terms`` of layers given as (W, U, s, V, U0, s0, V0) each, stacked as ``stacked.py`` stacks them."""
+    W = torch.stack([layer[0] for layer in layers])
+    U, s, V, U0, s0, V0 = (torch.stack([layer[i] for layer in layers]) for i in range(1, 7))
+    energy = W.square().sum(dim=(-2, -1))
+    return stacked_terms(W.mT @ U, W @ V, U, s, V, U0, s0, V0, energy, min(W.shape[-2:]), k, gamma)
+
+
+def _moved_layer(seed, K, k, m, n, scale=1.0):
+    """A random float64 weight, its K*k minor triplets and factors moved away from them."""
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, dtype=torch.float64, generator=generator) * scale
     u, sv, vh = torch.linalg.svd(W, full_matrices=False)
     U0, s0, V0 = u[:, -K * k :], sv[-K * k :], vh[-K * k :].T
-    U = U0 + 0.2 * torch.randn_like(U0)
-    V = V0 + 0.2 * torch.randn_like(V0)
-    s = s0 * 3 + 0.5
-    ours = layer_terms(W, U, s, V, U0, s0, V0, k, gamma)
-    ref = _dense_reference(W, U, s, V, U0, s0, V0, k, gamma)
-    for key in ("orthogonality", "spectral"):
-        torch.testing.assert_close(ours[key], ref[key], rtol=1e-8, atol=1e-10)
-    assert ref["spectral"] > 0 and ref["orthogonality"] > 0
+    U = U0 + 0.2 * torch.randn(U0.shape, dtype=W.dtype, generator=generator)
+    V = V0 + 0.2 * torch.randn(V0.shape, dtype=W.dtype, generator=generator)
+    return W, U, s0 * 3 + 0.5 * scale, V, U0, s0, V0
+
+
+@pytest.mark.parametrize("gamma", [0.05, None])
+@pytest.mark.parametrize("k", [1, 3])
+def test_stacked_terms_match_the_dense_formulas_for_each_layer(k, gamma):
+    layers = [_moved_layer(seed, K=3, k=k, m=40, n=30, scale=1.0 + seed) for seed in range(3)]
+    ours = _terms_of_stack(layers, k, gamma)
+    for i, layer in enumerate(layers):
+        ref = _dense_reference(*layer, k, gamma)
+        for key in ("orthogonality", "spectral"):
+            torch.testing.assert_close(ours[key][i], ref[key], rtol=1e-8, atol=1e-10)
+        assert ref["spectral"] > 0 and ref["orthogonality"] > 0
 
 
 def _rescaled_terms(scale: float, shape=(48, 32), K=2, k=2):
@@ -72,7 +86,8 @@ def _rescaled_terms(scale: float, shape=(48, 32), K=2, k=2):
     V = V0 + 0.3 * torch.randn_like(V0) / shape[1] ** 0.5
     rho = float((W.square().sum() / min(shape)).sqrt())
     s = s0 + 2.0 * rho  # every subspace grew to twice the layer's RMS singular value
-    return layer_terms(W, U, s, V, U0, s0, V0, k, 1.0)
+    terms = _terms_of_stack([(W, U, s, V, U0, s0, V0)], k, 1.0)
+    return {key: value[0] for key, value in terms.items()}
 
 
 def test_terms_are_scale_free_and_of_order_one():
@@ -115,9 +130,10 @@ def test_unweighted_terms_are_skipped_unless_asked_for():
 
 @pytest.mark.parametrize("fit_constraint", ["penalty", "projection"])
 @pytest.mark.parametrize("subspace_alpha", [100.0, None])
-def test_stacked_layers_give_each_layers_own_terms(fit_constraint, subspace_alpha):
-    """regularization_loss computes same-shape layers as one stack (issue 12); the values and gradients are
-    those of the per-layer formula, including a model whose layers have two shapes (attention + MLP)."""
+def test_regularization_loss_is_the_dense_formula_of_each_layer(fit_constraint, subspace_alpha):
+    """regularization_loss computes same-shape layers as one stack (issue 12): each layer's values (from
+    stacked.regularization_terms, as the model and the benchmarks read them) and the mean's gradient are those of
+    method.md's dense formulas of that layer, in a model whose layers have two shapes (attention + MLP)."""
     from peft_masm import default_target_modules
 
     config = MASMConfig(
@@ -134,17 +150,33 @@ def test_stacked_layers_give_each_layers_own_terms(fit_constraint, subspace_alph
     model = get_peft_model(tiny_vit(), config)
     layers = [m for m in model.modules() if isinstance(m, MASMLayer)]
     assert len({(layer.out_features, layer.in_features) for layer in layers}) > 1
-    stacked = model.base_model.regularization_loss()
+    mean = model.base_model.regularization_loss()
     params = [p for n, p in model.named_parameters() if "masm_" in n and p.requires_grad]
-    grads = torch.autograd.grad(stacked["total"], params)
-    per_layer = [layer.regularization_terms("default") for layer in layers]
+    grads = torch.autograd.grad(mean["total"], params)
+    gamma = 0.01 if fit_constraint == "penalty" else None
+    dense = [_dense_reference(*_float64_factors(layer), 2, gamma) for layer in layers]
+    groups = stacked.same_shape_groups(layers, "default")
+    assert len(groups) > 1
+    for group in groups:
+        terms = stacked.regularization_terms(group, "default")
+        for i, layer in enumerate(group):
+            want = dense[layers.index(layer)]
+            for key in ("orthogonality", "spectral"):
+                torch.testing.assert_close(terms[key][i].double(), want[key], rtol=1e-4, atol=1e-8)
     for key in ("orthogonality", "spectral"):
-        expected = torch.stack([terms[key] for terms in per_layer]).mean()
-        torch.testing.assert_close(stacked[key], expected, rtol=1e-5, atol=1e-7)
+        expected = torch.stack([terms[key] for terms in dense]).mean()
+        torch.testing.assert_close(mean[key].double(), expected, rtol=1e-4, atol=1e-8)
         assert float(expected) > 0
-    expected_total = sum(t["orthogonality"] + t["spectral"] for t in per_layer) / len(layers)
+    expected_total = sum(t["orthogonality"] + t["spectral"] for t in dense) / len(layers)
     for got, want in zip(grads, torch.autograd.grad(expected_total, params)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-3, atol=1e-6)
+
+
+def _float64_factors(layer):
+    """(W, U, s, V, U0, s0, V0) of a layer in float64, differentiable in its trainable factors."""
+    U, s, V = layer.factors("default")
+    frozen = (layer.masm_U0["default"], layer.masm_s0["default"], layer.masm_V0["default"])
+    return tuple(t.double() for t in (layer.get_base_layer().weight, U, s, V, *frozen))
 
 
 @pytest.mark.parametrize("subspace_alpha", [100.0, None])
@@ -169,7 +201,7 @@ def test_fit_bound_projection_of_the_stack_matches_each_layer_and_leaves_the_res
     limited = model.base_model.apply_fit_bound()
     assert int(limited) >= 1
     single_layers = [m for m in single.modules() if isinstance(m, MASMLayer)]
-    assert sum(int(layer.apply_fit_bound("default")) for layer in single_layers) == int(limited)
+    assert sum(int(stacked.project_fit_bound([layer], "default")) for layer in single_layers) == int(limited)
     for layer, twin, old in zip(layers, single_layers, before):
         norms = layer.subspace_norms("default")
         assert float(norms.max()) <= 0.5 * (1 + 1e-5)
@@ -249,3 +281,37 @@ def test_subspace_spectral_norms_equal_the_dense_norm_also_for_degenerate_blocks
     leaves = [t.float().requires_grad_() for t in (U, s, V)]
     subspace_spectral_norms(*leaves, k).sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_subspace_movement_and_norms_are_the_dense_values_of_each_layer():
+    """MASMModel.subspace_movement (stacked.subspace_movement, one stack per shape) and the layers' subspace_norms
+    equal ||U_j s_j V_j^T - U0_j s0_j V0_j^T||_F / rho and ||U_j s_j V_j^T||_2 / rho formed densely, per layer."""
+    from peft_masm import default_target_modules
+
+    config = MASMConfig(
+        num_subspaces=2,
+        subspace_rank=2,
+        init_weights=False,
+        target_modules=default_target_modules("vit", include_mlp=True),
+    )
+    model = get_peft_model(tiny_vit(), config)
+    movement = model.base_model.subspace_movement()
+    named = list(model.base_model.masm_layers("default"))
+    assert list(movement) == [name for name, _ in named]
+    for name, layer in named:
+        U, s, V = (t.detach().double() for t in layer.factors("default"))
+        U0, s0, V0 = (
+            layer.masm_U0["default"].double(),
+            layer.masm_s0["default"].double(),
+            layer.masm_V0["default"].double(),
+        )
+        rho = layer.reference_scale_value("default")
+        moved, norms = [], []
+        for j in range(2):
+            cols = slice(2 * j, 2 * j + 2)
+            M = (U[:, cols] * s[cols]) @ V[:, cols].T
+            moved.append(float(torch.linalg.matrix_norm(M - (U0[:, cols] * s0[cols]) @ V0[:, cols].T)) / rho)
+            norms.append(float(torch.linalg.matrix_norm(M, ord=2)) / rho)
+        assert movement[name] == pytest.approx(moved, rel=1e-4)
+        assert layer.subspace_norms("default").tolist() == pytest.approx(norms, rel=1e-4)
+        assert min(moved) > 0
