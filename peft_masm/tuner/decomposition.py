@@ -57,7 +57,8 @@ def _gram_minor(w: np.ndarray, num: int) -> tuple[np.ndarray, np.ndarray, np.nda
         gram, subset_by_index=[0, num], driver="evr", overwrite_a=True, check_finite=False
     )
     sigma_all = np.sqrt(np.clip(evals, 0.0, None))  # ascending
-    if sigma_all[0] < _GRAM_MIN_RELATIVE_SIGMA * frobenius:
+    # <=, not <: an all-zero weight (sigma = ||W||_F = 0) has no Gram route either (A V / S would be 0 / 0)
+    if sigma_all[0] <= _GRAM_MIN_RELATIVE_SIGMA * frobenius:
         return None
     # ascending -> descending, and split off sigma_r (the largest of the num+1 returned values)
     small_v = evecs[:, :num][:, ::-1]

@@ -167,11 +167,13 @@ def stacked_terms(
 
 @full_precision
 def fit_bound_scales(
-    U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int, limit: float | torch.Tensor
+    U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, subspace_rank: int, limit: torch.Tensor
 ) -> torch.Tensor:
-    """Per-subspace factor ``<= 1`` that brings each ``||U_j diag(s_j) V_j^T||_2`` down to ``limit``."""
+    """Per-subspace factor ``<= 1`` that brings each ``||U_j diag(s_j) V_j^T||_2`` down to ``limit``. Both sides
+    are held above 1e-30, so that a subspace of norm 0 against a limit of 0 (a layer whose weight is all zero has
+    rho = 0) keeps a factor of 1 rather than 0 / 0."""
     norms = subspace_spectral_norms(U, s, V, subspace_rank)
-    return (limit / norms.clamp_min(1e-30)).clamp(max=1.0)
+    return (limit.clamp_min(1e-30) / norms.clamp_min(1e-30)).clamp(max=1.0)
 
 
 __all__ = ["fit_bound_scales", "full_precision", "stacked_terms", "subspace_spectral_norms"]

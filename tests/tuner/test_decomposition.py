@@ -28,6 +28,8 @@ CASES = {
     # CLIP ViT-L/14 attention projection with its random initialisation (std 0.02): near-zero tail
     "clip-l-init": lambda: torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)) * 0.02,
     "rank-deficient": lambda: _with_spectrum(64, 64, torch.cat([torch.ones(40), torch.zeros(24)]).double()),
+    # a zero-initialised projection: every singular value 0, and so is ||W||_F (the Gram route divided by 0)
+    "all-zero": lambda: torch.zeros(48, 32),
 }
 
 

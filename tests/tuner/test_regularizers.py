@@ -315,3 +315,24 @@ def test_subspace_movement_and_norms_are_the_dense_values_of_each_layer():
         assert movement[name] == pytest.approx(moved, rel=1e-4)
         assert layer.subspace_norms("default").tolist() == pytest.approx(norms, rel=1e-4)
         assert min(moved) > 0
+
+
+def test_an_all_zero_weight_gets_finite_factors_and_trains_finite():
+    """A zero-initialised target weight (rho = 0): get_peft_model gives finite factors (the minor-spectrum solver
+    divided by its zero singular values), and a step with the regularisers and the fit bound keeps them finite
+    (the projection scaled a zero-norm subspace against a zero bound by 0 / 0)."""
+    base = tiny_vit()
+    with torch.no_grad():
+        base.vit.layers[0].attention.q_proj.weight.zero_()
+    config = MASMConfig(num_subspaces=2, subspace_rank=2, orthogonality_weight=0.1, spectral_weight=0.1)
+    model = get_peft_model(base, config)
+    params = [p for n, p in model.named_parameters() if "masm_" in n and p.requires_grad]
+    assert all(torch.isfinite(p).all() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(pixel_values=pixels).logits.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert torch.isfinite(model(pixel_values=pixels).logits).all()
