@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -60,7 +60,7 @@ class FactorBlocks(nn.ParameterList):
     forward reads three lists per layer and step, the stacked regularisers and fit bound three more."""
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(list(self._parameters.values()))
+        return iter(self._parameters.values())
 
 
 class _Inference(NamedTuple):
@@ -112,7 +112,9 @@ class MASMLayer(BaseTunerLayer):
         self.masm_rho = BufferDict({}, persistent=False)
         # The same containers, by name, in plain dicts: the forward reads six of them per layer and step, and an
         # attribute read of a submodule goes through nn.Module.__getattr__. They are made here and never replaced.
-        self._factor_dicts: dict[str, nn.ModuleDict] = {name: getattr(self, name) for name in _FACTORS}
+        self._factor_dicts: dict[str, Any] = {
+            name: getattr(self, name) for name in _FACTORS
+        }  # of FactorBlocks
         self._buffer_dicts: dict[str, BufferDict] = {
             name: getattr(self, name) for name in _SAVED_BUFFERS + _DERIVED_BUFFERS
         }
@@ -256,7 +258,7 @@ class MASMLayer(BaseTunerLayer):
     # The forward reads these for every layer and step.
     def trainable_tensors(self, factor: str, adapter_name: str) -> list[torch.Tensor]:
         """The tensors of trainable factor ``factor`` (``"masm_U"``, ``"masm_s"``, ``"masm_V"``) of an adapter."""
-        return list(cast(FactorBlocks, self._factor_dicts[factor][adapter_name]))
+        return list(self._factor_dicts[factor][adapter_name])
 
     def frozen_tensor(self, buffer: str, adapter_name: str) -> torch.Tensor:
         """The buffer ``buffer`` (``"masm_U0"``, ``"masm_s0"``, ..., ``"masm_B0"``, ``"masm_rho"``) of an adapter."""
@@ -349,13 +351,13 @@ class MASMLayer(BaseTunerLayer):
         host-bound forward (a GPU's at small batch) pays in full."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._build_delta_factors(adapter_name)
-        state = self._state(adapter_name)
-        device = self.frozen_tensor("masm_V0", adapter_name).device.type
+        state = self._masm_state.get(adapter_name) or self._state(adapter_name)  # the latter raises
+        tensors = [t for factor in _FACTORS for t in self._factor_dicts[factor][adapter_name]]
+        device = tensors[0].device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         key: list = [autocast]
-        for factor in _FACTORS:
-            for tensor in self.trainable_tensors(factor, adapter_name):
-                key += (tensor.data_ptr(), tensor._version)
+        for tensor in tensors:
+            key += (tensor.data_ptr(), tensor._version)
         if state.inference is not None and state.inference.key == key:
             return state.inference.A, state.inference.B
         A, B = self._build_delta_factors(adapter_name)
@@ -533,9 +535,8 @@ class Linear(nn.Module, MASMLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        adapters = self._factor_dicts["masm_U"]
         for name in self.active_adapters:
-            if name not in adapters:
+            if name not in self.masm_num_subspaces:  # a plain dict: an adapter this layer does not hold
                 continue
             A, B = self.delta_factors(name)
             delta = ((x if x.dtype == A.dtype else x.to(A.dtype)) @ A) @ B.T
