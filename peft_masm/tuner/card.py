@@ -43,14 +43,17 @@ def _load_code(base_model: str | None, base_class: str) -> str:
     )
 
 
-def render_adapter_card(config: Any) -> str:
-    """The card of a MASM adapter saved on its own: metadata, what MASM is, how to load it."""
+def render_adapter_card(config: Any, metadata: dict[str, Any] | None = None) -> str:
+    """The card of a MASM adapter saved on its own: metadata, what MASM is, how to load it. ``metadata``: what
+    PEFT's blank card already recorded (its ``base_model`` among it), kept, with the ``masm`` tag added."""
     from huggingface_hub import ModelCardData
 
     base_model = getattr(config, "base_model_name_or_path", None) or None
     base_class = (getattr(config, "auto_mapping", None) or {}).get("base_model_class") or "AutoModel"
     hub_id = base_model if base_model and "/" in base_model and not Path(base_model).exists() else None
-    data = ModelCardData(library_name="peft", base_model=hub_id, tags=["peft", "masm"])
+    fields: dict[str, Any] = {"library_name": "peft", "base_model": hub_id, **(metadata or {})}
+    fields["tags"] = list(dict.fromkeys([*(fields.get("tags") or []), "peft", "masm"]))
+    data = ModelCardData(**fields)
     described = f"`{base_model}`" if base_model else "a base model whose name was not recorded"
     return (
         f"---\n{data.to_yaml()}\n---\n\n"
@@ -75,11 +78,13 @@ def write_adapter_card(config: Any, save_directory: str | os.PathLike) -> Path |
     if not (out / "adapter_model.safetensors").is_file() or not (out / "adapter_config.json").is_file():
         return None
     readme = out / "README.md"
+    from huggingface_hub import ModelCard
+
+    metadata: dict[str, Any] = {}
     if readme.is_file():
         text = readme.read_text(encoding="utf-8", errors="replace")
         if not any(marker in text for marker in BLANK_CARD_MARKERS):
             return None  # the user's card, or a fuller card of this package: kept
-    from huggingface_hub import ModelCard
-
-    ModelCard(render_adapter_card(config)).save(readme)
+        metadata = ModelCard(text).data.to_dict()
+    ModelCard(render_adapter_card(config, metadata)).save(readme)
     return readme
