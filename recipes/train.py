@@ -66,7 +66,7 @@ def training_function(cfg: TrainConfig, state: TrainState) -> dict[str, Any]:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.cpu,
-        log_with=make_trackers(cfg) or None,
+        log_with=make_trackers(cfg.report_to, cfg.output_dir) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )

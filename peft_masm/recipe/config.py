@@ -206,9 +206,11 @@ class TrainConfig:
             if f.init:
                 setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
         self._check_values()
-        from .tracking import check_trackers
+        from .tracking import tracker_problem
 
-        check_trackers(self.report_to)
+        problem = tracker_problem(self.report_to)
+        if problem:
+            raise ConfigError(problem)
         self.test_set_configs()  # each test set checked now
         self.adapter = adapter_config(self.method, self.masm, self.lora)  # before anything heavy loads
 

@@ -7,15 +7,12 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate.tracking import GeneralTracker
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
-__all__ = ["METRICS_FILE", "OWN_TRACKERS", "JSONLTracker", "check_trackers", "make_trackers"]
+__all__ = ["METRICS_FILE", "OWN_TRACKERS", "JSONLTracker", "make_trackers", "tracker_problem"]
 
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.json"  # the tracker's copy of the run's configuration
@@ -53,26 +50,25 @@ class JSONLTracker(GeneralTracker):
         pass
 
 
-def make_trackers(cfg: TrainConfig) -> list[Any]:
-    """``Accelerator(log_with=...)`` for ``cfg.report_to``: the JSONL tracker and accelerate's by name."""
+def make_trackers(report_to: list[str], output_dir: str) -> list[Any]:
+    """``Accelerator(log_with=...)`` for ``report_to``: the JSONL tracker (writing in ``output_dir``) and
+    accelerate's by name."""
     out: list[Any] = []
-    for name in cfg.report_to:
+    for name in report_to:
         if name in ("json", "jsonl"):
-            out.append(JSONLTracker("masm", cfg.output_dir))
+            out.append(JSONLTracker("masm", output_dir))
         elif name != "none":
             out.append(name)  # tensorboard, wandb, ... (checked installed when the config was read)
     return out
 
 
-def check_trackers(names: list[str]) -> None:
-    """Raise ``ConfigError`` for a ``report_to`` name accelerate does not know or whose package is missing.
+def tracker_problem(names: list[str]) -> str | None:
+    """What is wrong with ``report_to`` (a name accelerate does not know, or whose package is missing), or None.
 
     accelerate itself only warns and drops a missing tracker, so a run would end without its logs.
     """
     import accelerate.utils
     from accelerate.utils import LoggerType
-
-    from .config import ConfigError
 
     known = [t.value for t in LoggerType]
     for name in (n for n in names if n not in OWN_TRACKERS):
@@ -80,9 +76,10 @@ def check_trackers(names: list[str]) -> None:
             valid = [*OWN_TRACKERS, *known]
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"report_to: unknown tracker {name!r}.{hint} Known: {', '.join(valid)}.")
+            return f"report_to: unknown tracker {name!r}.{hint} Known: {', '.join(valid)}."
         if not getattr(accelerate.utils, f"is_{name}_available", lambda: True)():
-            raise ConfigError(
+            return (
                 f"report_to: {name} is not installed; `pip install {name}`, or log without it "
                 "(--report_to json)."
             )
+    return None

@@ -35,7 +35,6 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from . import stacked
 from .config import MASMConfig
 from .decomposition import MinorTriplets, fingerprint_deviation, weight_fingerprint
 
@@ -382,11 +381,6 @@ class MASMLayer(BaseTunerLayer):
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # Delta has rank <= 2*K*k, so PEFT's `save_as_lora(..., rank=2*K*k)` is exact.
         return True
-
-    def subspace_norms(self, adapter_name: str) -> torch.Tensor:
-        """Spectral norm of each artifact subspace ``U_j diag(s_j) V_j^T`` in units of ``rho`` (K,), as the fit
-        bound measures it (``stacked.subspace_norms`` of this layer alone)."""
-        return stacked.subspace_norms([self], adapter_name)[0]
 
     # ------------------------------------------------------------------------------------ merging
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from peft import get_peft_model
 from tiny_training import image_batch
 
 from peft_masm import MASMConfig
+from peft_masm.tuner import stacked
 
 from .conftest import tiny_vit
 
@@ -69,7 +70,10 @@ def test_fit_bound_and_diagnostics_under_bfloat16_autocast(constraint):
     reference = {n: p.detach().clone() for n, p in model.named_parameters() if "masm_s." in n}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         limited = model.base_model.apply_fit_bound()
-        norms = [layer.subspace_norms("default") for _, layer in model.base_model.masm_layers("default")]
+        norms = [
+            stacked.subspace_norms([layer], "default")[0]
+            for _, layer in model.base_model.masm_layers("default")
+        ]
         movement = model.base_model.subspace_movement()
     assert all(n.dtype == torch.float32 and torch.isfinite(n).all() for n in norms)
     assert all(all(map(lambda v: v == v, values)) for values in movement.values())

@@ -203,7 +203,7 @@ def test_fit_bound_projection_of_the_stack_matches_each_layer_and_leaves_the_res
     single_layers = [m for m in single.modules() if isinstance(m, MASMLayer)]
     assert sum(int(stacked.project_fit_bound([layer], "default")) for layer in single_layers) == int(limited)
     for layer, twin, old in zip(layers, single_layers, before):
-        norms = layer.subspace_norms("default")
+        norms = stacked.subspace_norms([layer], "default")[0]
         assert float(norms.max()) <= 0.5 * (1 + 1e-5)
         for j, (p, q, b) in enumerate(zip(per_subspace(layer), per_subspace(twin), old)):
             torch.testing.assert_close(p, q)
@@ -228,14 +228,14 @@ def test_fit_bound_with_frozen_singular_values_scales_the_vectors_and_never_writ
         grown.mul_(30.0)
         grown = layers[0].masm_V["default"][1] if per_subspace else layers[0].masm_V["default"][0][:, 2:4]
         grown.mul_(30.0)
-    assert float(layers[0].subspace_norms("default")[1]) > 100
+    assert float(stacked.subspace_norms([layers[0]], "default")[0][1]) > 100
     before = [{name: factor(layer, name) for name in ("masm_U", "masm_s", "masm_V")} for layer in layers]
     limited = model.base_model.apply_fit_bound()
     assert int(limited) >= 1
     for layer, old in zip(layers, before):
         assert not any(p.requires_grad for p in layer.masm_s["default"])
         assert torch.equal(factor(layer, "masm_s"), old["masm_s"])  # the frozen factor is never written
-        norms = layer.subspace_norms("default")
+        norms = stacked.subspace_norms([layer], "default")[0]
         assert float(norms.max()) <= 1 + 1e-5
         for j, norm in enumerate(norms.tolist()):
             cols = slice(2 * j, 2 * j + 2)
@@ -247,7 +247,7 @@ def test_fit_bound_with_frozen_singular_values_scales_the_vectors_and_never_writ
                     ratio = new.norm() / was.norm()
                     assert float(ratio) < 1
                     torch.testing.assert_close(new, was * ratio)
-    assert float(layers[0].subspace_norms("default")[1]) == pytest.approx(1.0, rel=1e-4)
+    assert float(stacked.subspace_norms([layers[0]], "default")[0][1]) == pytest.approx(1.0, rel=1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -284,7 +284,7 @@ def test_subspace_spectral_norms_equal_the_dense_norm_also_for_degenerate_blocks
 
 
 def test_subspace_movement_and_norms_are_the_dense_values_of_each_layer():
-    """MASMModel.subspace_movement (stacked.subspace_movement, one stack per shape) and the layers' subspace_norms
+    """MASMModel.subspace_movement (stacked.subspace_movement, one stack per shape) and stacked.subspace_norms
     equal ||U_j s_j V_j^T - U0_j s0_j V0_j^T||_F / rho and ||U_j s_j V_j^T||_2 / rho formed densely, per layer."""
     from peft_masm import default_target_modules
 
@@ -313,7 +313,7 @@ def test_subspace_movement_and_norms_are_the_dense_values_of_each_layer():
             moved.append(float(torch.linalg.matrix_norm(M - (U0[:, cols] * s0[cols]) @ V0[:, cols].T)) / rho)
             norms.append(float(torch.linalg.matrix_norm(M, ord=2)) / rho)
         assert movement[name] == pytest.approx(moved, rel=1e-4)
-        assert layer.subspace_norms("default").tolist() == pytest.approx(norms, rel=1e-4)
+        assert stacked.subspace_norms([layer], "default")[0].tolist() == pytest.approx(norms, rel=1e-4)
         assert min(moved) > 0
 
 

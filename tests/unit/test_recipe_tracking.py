@@ -23,6 +23,7 @@ def test_jsonl_tracker_writes_one_row_per_log_call_and_the_configuration(tmp_pat
 
 
 def test_report_to_names_become_trackers(tmp_path):
-    trackers = make_trackers(load_config(None, ["--output_dir", str(tmp_path), "--report_to", "json,none"]))
+    cfg = load_config(None, ["--output_dir", str(tmp_path), "--report_to", "json,none"])
+    trackers = make_trackers(cfg.report_to, cfg.output_dir)
     assert len(trackers) == 1 and isinstance(trackers[0], JSONLTracker)
-    assert make_trackers(load_config(None, ["--report_to", "none"])) == []
+    assert make_trackers(["none"], str(tmp_path)) == []
