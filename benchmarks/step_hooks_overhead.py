@@ -1,6 +1,6 @@
 """What the step hooks cost: MASM trained through ``optimizer.step()``'s hooks against the explicit path.
 
-    .venv/bin/python benchmarks/step_hooks_overhead.py            # ~6 min on 2 CPU cores
+    .venv/bin/python benchmarks/step_hooks_overhead.py            # ~10 min on 2 CPU cores
     .venv/bin/python benchmarks/step_hooks_overhead.py --quick    # tiny models, seconds
 
 Each method's step (``peft_masm.TrainingStep``, AdamW) is timed interleaved with the others in one process, on
