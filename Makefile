@@ -34,7 +34,8 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --cpu --num_processes 1 recipes/train.py --config recipes/configs/demo.yaml --overwrite_output_dir
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no --num_cpu_threads_per_process 2 recipes/train.py --config recipes/configs/demo.yaml --overwrite_output_dir
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
