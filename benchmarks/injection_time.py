@@ -15,19 +15,13 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 import peft_masm
 
 sys.path.insert(0, str(Path(__file__).parent))
+from harness import MODELS  # noqa: E402
 from method_registry import method_config  # noqa: E402
 
 
 def main() -> None:
     torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=224,
-    )
+    config = CLIPVisionConfig(**MODELS["vit-l14"])
     # registry methods (benchmarks/methods/), on MASM's default targets
     for label, method in [("effort (K=1, k=1)", "effort"), ("default", "masm")]:
         model = CLIPVisionModel(config)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from recipe_fixtures import RECIPES, make_image_folder
+from tiny_backbones import TINY_CLIP_VISION
 
 from peft_masm import MASMConfig
 from peft_masm.cli import main as masm_detect
@@ -35,15 +36,9 @@ def unnamed_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("unnamed")
     torch.manual_seed(0)
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    base = CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=2))  # built from a config
+    base = CLIPForImageClassification(
+        CLIPConfig(vision_config=TINY_CLIP_VISION, num_labels=2)
+    )  # built from a config
     base.save_pretrained(root / "base")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         root / "base"
