@@ -186,6 +186,8 @@ def add_regularizer_gradient(masm: MASMModel) -> None:
     if state.explicit_regularization_step == state.num_steps:
         return
     params = [p for p in masm.trainable_factors() if p.requires_grad]
+    if not params:  # every factor frozen: nothing for the regularisers to move
+        return
     with torch.enable_grad(), torch.autocast(params[0].device.type, enabled=False):
         terms = masm.regularization_terms()
         total = terms["total"] * config.regularization_interval
