@@ -33,6 +33,15 @@ def _loss(model, batch):
     return model(**batch).loss
 
 
+def _u_grads(model, backward) -> dict[str, torch.Tensor]:
+    """The gradients of the ``masm_U`` factors after ``backward()`` from zero (cleared again afterwards)."""
+    model.zero_grad(set_to_none=True)
+    backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def _exact_total(model) -> float:
     with torch.no_grad():
         return float(find_masm_model(model).regularization_loss()["total"])
@@ -67,23 +76,20 @@ def test_every_step_is_the_default_and_unchanged():
         assert out.loss - out.task_loss == pytest.approx(expected, rel=1e-5)
 
 
+def _check_weighted_gradient(model, weight: int, batch) -> None:
+    masm = find_masm_model(model)
+    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=0.0), _loss)
+    grads = _u_grads(model, lambda: step.loss(batch)[0].backward())
+    task = _u_grads(model, lambda: _loss(model, batch).backward())
+    reg = _u_grads(model, lambda: masm.regularization_loss()["total"].backward())
+    for name in grads:
+        torch.testing.assert_close(grads[name], task[name] + weight * reg[name])
+
+
 def test_the_gradient_of_a_due_step_carries_n_times_the_regularisers():
-    lazy, exact = _model(interval=4), _model(interval=1)
     batch = image_batch(0)
-    for model, weight in ((lazy, 4), (exact, 1)):
-        masm = find_masm_model(model)
-        step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=0.0), _loss)
-        step.loss(batch)[0].backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
-        model.zero_grad(set_to_none=True)
-        _loss(model, batch).backward()
-        task = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
-        model.zero_grad(set_to_none=True)
-        masm.regularization_loss()["total"].backward()
-        reg = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
-        model.zero_grad(set_to_none=True)
-        for name in grads:
-            torch.testing.assert_close(grads[name], task[name] + weight * reg[name])
+    _check_weighted_gradient(_model(interval=4), 4, batch)
+    _check_weighted_gradient(_model(interval=1), 1, batch)
 
 
 def test_masm_trainer_follows_the_same_schedule(tmp_path):
@@ -130,14 +136,13 @@ def test_the_step_hook_gradient_is_n_times_the_regularisers():
     model = _model(interval=4, step_hooks=True)
     masm = find_masm_model(model)
     batch = image_batch(0)
-    _loss(model, batch).backward()
-    add_regularizer_gradient(masm)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
-    model.zero_grad(set_to_none=True)
-    _loss(model, batch).backward()
-    task = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
-    model.zero_grad(set_to_none=True)
-    masm.regularization_terms()["total"].backward()
-    reg = {n: p.grad.clone() for n, p in model.named_parameters() if "masm_U" in n}
+
+    def task_then_hook() -> None:
+        _loss(model, batch).backward()
+        add_regularizer_gradient(masm)
+
+    grads = _u_grads(model, task_then_hook)
+    task = _u_grads(model, lambda: _loss(model, batch).backward())
+    reg = _u_grads(model, lambda: masm.regularization_terms()["total"].backward())
     for name in grads:
         torch.testing.assert_close(grads[name], task[name] + 4 * reg[name])

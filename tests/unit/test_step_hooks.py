@@ -57,6 +57,19 @@ def masm_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "masm_" in k or "classifier" in k}
 
 
+def nan_batch(seed: int) -> dict[str, torch.Tensor]:
+    """``image_batch(seed)`` with one NaN pixel."""
+    batch = image_batch(seed)
+    batch["pixel_values"][0, 0, 0, 0] = float("nan")
+    return batch
+
+
+def assert_unchanged(before: dict[str, torch.Tensor], model: PeftModel) -> None:
+    after = masm_state(model)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
 def assert_same_training(a: PeftModel, b: PeftModel) -> None:
     sa, sb = masm_state(a), masm_state(b)
     assert sa.keys() == sb.keys()
@@ -172,27 +185,21 @@ def test_a_nan_in_a_plain_loop_raises_naming_the_step_and_writes_nothing():
     optimizer.step()
     optimizer.zero_grad()
     before = masm_state(model)
-    bad = image_batch(1)
-    bad["pixel_values"][0, 0, 0, 0] = float("nan")
-    task_loss(model, bad).backward()
+    task_loss(model, nan_batch(1)).backward()
     with pytest.raises(NonFiniteLossError, match="optimizer step 2: the gradients are not finite"):
         optimizer.step()
-    after = masm_state(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_unchanged(before, model)
     assert model.base_model.step_state.num_steps == 1
 
 
 def test_a_nan_step_is_skipped_by_configuration():
     model = build(on_non_finite="skip")
     optimizer = adam(model)
-    bad = image_batch(0)
-    bad["pixel_values"][0, 0, 0, 0] = float("nan")
     before = masm_state(model)
-    task_loss(model, bad).backward()
+    task_loss(model, nan_batch(0)).backward()
     with pytest.warns(RuntimeWarning, match="optimizer step 1: .* The step is skipped"):
         optimizer.step()
-    after = masm_state(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_unchanged(before, model)
     assert model.base_model.step_state.num_steps == 0
     assert model.base_model.layer_mask.num_updates == 0
 
