@@ -1,4 +1,9 @@
-"""MASMConfig: the configuration of a MASM adapter."""
+"""MASMConfig, the configuration of a MASM adapter (each field's help text and validation), and the default
+target modules per ``model_type``.
+
+The field table of docs/configuration.md is generated from the fields and their help here
+(``tests/unit/test_config_reference.py``); the reasons for the defaults are in docs/method.md.
+"""
 
 from __future__ import annotations
 
@@ -148,11 +153,18 @@ class MASMConfig(PeftConfig):
         default=None, metadata={"help": "Names (or a regex) of modules never to adapt."}
     )
     layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Adapt only these layer indices (needs a `layers_pattern` match)."}
+        default=None,
+        metadata={
+            "help": "Adapt only the layers with these indices: the number after `layers_pattern` in the module's "
+            "name (None: its first numbered part). Applies to a list of `target_modules`, not to a regex."
+        },
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Name of the ModuleList holding the layers, e.g. 'layers' or 'layer'."},
+        metadata={
+            "help": "Name of the ModuleList holding the layers, e.g. 'layers' or 'layer'; only with "
+            "`layers_to_transform`."
+        },
     )
     modules_to_save: list[str] | None = field(
         default=None,
@@ -187,13 +199,18 @@ class MASMConfig(PeftConfig):
     orthogonality_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of the orthogonality regulariser (cross-subspace, within-subspace and semantic leakage) "
-            "in `regularization_loss()['total']`."
+            "help": "Weight of the orthogonality regulariser (cross-subspace overlap, departure from orthonormality "
+            "and leakage into the frozen semantic subspace) in the regularisers' total: its gradient is added "
+            "inside optimizer.step() (step_hooks) or the loop adds `regularization_loss()['total']` to its loss. "
+            "With both weights 0 nothing is computed."
         },
     )
     spectral_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the spectral-consistency regulariser (energy drift and fit bound)."},
+        metadata={
+            "help": "Weight of the spectral-consistency regulariser: the drift of the layer's energy ||W'||_F^2, "
+            "plus the fit-bound hinge when fit_constraint='penalty'."
+        },
     )
     regularization_interval: int = field(
         default=1,
@@ -236,10 +253,10 @@ class MASMConfig(PeftConfig):
     layer_mask: Literal["dynamic", "static", "none"] = field(
         default="none",
         metadata={
-            "help": "Selective layer mask: 'dynamic' (periodic GSNR decisions during training, the paper's "
-            "mask), 'static' (a calibration pass before training), or 'none' (every adapter trains). The "
-            "default is 'none' because our benchmark found the dynamic mask's fit-bound rule freezing every "
-            "layer early when sigma_r is tiny (BENCHMARKS.md)."
+            "help": "Selective layer mask: 'dynamic' (periodic GSNR decisions during training: our reading of the "
+            "paper's mask), 'static' (one decision from a calibration pass before training), or 'none' (every layer "
+            "trains). The default is 'none': on the cross-forgery benchmark the mask had no measurable effect and "
+            "validation preferred training every layer (docs/method.md, 'Why the defaults')."
         },
     )
     mask_granularity: Literal["layer", "subspace"] = field(
@@ -253,7 +270,11 @@ class MASMConfig(PeftConfig):
         default=20, metadata={"help": "Optimizer steps between two mask decisions (dynamic mode)."}
     )
     mask_warmup: int = field(
-        default=20, metadata={"help": "Optimizer steps before the first mask decision (dynamic mode)."}
+        default=20,
+        metadata={
+            "help": "The optimizer step of the first mask decision (dynamic mode); 0: the first decision comes at "
+            "step `mask_interval`."
+        },
     )
     mask_ema_decay: float = field(
         default=0.9,
