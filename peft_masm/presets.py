@@ -5,7 +5,10 @@ recipes say ``masm: {preset: effort}`` and the benchmarks and tests use the same
 
 - ``effort``: Effort (Yan et al., ICML 2025) as a MASM configuration: one rank-1 artifact subspace per
   target (r = d - 1), no layer mask, no regularisers. Our layer then equals Effort's formula exactly.
-- ``paper``: the MASM setting of the recipes (K=4 subspaces of rank 2, interleaved, dynamic mask).
+- ``paper``: the setting of ``recipes/configs/paper.yaml``: K=4 subspaces of rank 2, interleaved, and the dynamic
+  layer mask, which the package defaults leave off (docs/method.md says why).
+
+Both are listed, field by field, in docs/configuration.md (generated from ``PRESETS``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The MASM PEFT method alone: config, layer, model, layer mask, regularisers, decomposition.
 
-This subpackage imports only torch, numpy/scipy and peft (never the detector, data, hub or CLI
-of ``peft_masm``), so it could live in ``peft/tuners/masm/`` nearly unchanged. Importing it
+This subpackage imports only torch, numpy/scipy and peft with its own dependencies (never the detector, data,
+hub, recipe or CLI of ``peft_masm``: tests/unit/test_package_structure.py checks it), so it could live in
+``peft/tuners/masm/`` nearly unchanged. Importing it
 registers the ``masm`` method with PEFT, as PEFT's own tuners do in their ``__init__``.
 """
 

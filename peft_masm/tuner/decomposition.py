@@ -1,11 +1,12 @@
 """Exact, fast decomposition of the minor singular spectrum, and base-weight fingerprints.
 
-MASM needs only the ``K*k`` smallest singular triplets of each target weight (and the next one,
-``sigma_r``). A full ``torch.linalg.svd`` computes all ``d`` of them; instead we form the Gram matrix
-of the smaller side in float64 and ask LAPACK's MRRR solver (``dsyevr``) for the few smallest
-eigenpairs only. Forming ``W^T W`` squares the condition number, which float64 absorbs for any
-float32/bf16/fp16 weight whose smallest singular value needed is above 1e-7 of its Frobenius norm (the reconstruction U S = W V stays exact to float32 precision far beyond that; see tests); layers worse than that (or
-rank-deficient ones) fall back to a full float64 SVD, so the result is always exact to float32
+MASM needs only the ``K*k`` smallest singular triplets of each target weight (and the next singular value,
+``sigma_r``, stored with the adapter; only the random start of ``init_weights=False`` reads it). A full
+``torch.linalg.svd`` computes all ``d`` of them; instead we form the Gram matrix of the smaller side in float64 and
+ask LAPACK's MRRR solver (``dsyevr``) for the few smallest eigenpairs only. Forming ``W^T W`` squares the condition number, which float64 absorbs for any
+float32/bf16/fp16 weight whose smallest singular value needed is above 1e-7 of its Frobenius norm (the reconstruction
+U S = W V stays exact to float32 precision far beyond that; tests/tuner/test_decomposition.py); layers worse than
+that (or rank-deficient ones) fall back to a full float64 SVD, so the result is always exact to float32
 precision. Several layers are decomposed concurrently: LAPACK releases the GIL.
 """
 

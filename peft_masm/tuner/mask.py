@@ -1,16 +1,18 @@
-"""The selective layer mask (method.md, section 3): gradient statistics, decisions, history, plot.
+"""The selective layer mask (docs/method.md): gradient statistics, decisions and their history.
 
 A *unit* is a layer (``mask_granularity="layer"``) or one (layer, subspace) pair. For each unit the
 controller keeps exponential moving averages of its gradients (mean and second moment, per element)
 and scores its learning state by the gradient signal-to-noise ratio
 ``GSNR = ||m||^2 / sum(E[g^2] - m^2)``. At each decision the ``mask_keep_ratio`` best units train until
-the next decision and the others are masked: their gradients are set to ``None`` before
-``optimizer.step()``, so Adam neither moves nor decays them. The decision can change its mind: the
+the next decision and the others are masked: their gradients are set to ``None`` before the update (inside
+``optimizer.step()`` through the step hooks, or in ``update_layer_mask()`` with ``step_hooks=False``), so Adam
+neither moves nor decays them. The decision can change its mind: the
 statistics keep folding in the gradients of masked units (they are computed by ``backward()`` and read
 before they are dropped), so a masked unit whose updates become consistent again is kept at a later
 decision. How strongly a subspace may fit is not the mask's business (``fit_constraint`` bounds it
 without freezing anything). Masks are the layers' persistent ``masm_mask`` buffers; ``requires_grad``
-is never touched.
+is never touched. ``layer_mask="static"`` takes one decision from a calibration pass and keeps it. The heatmap of
+the decisions is drawn by ``peft_masm.visualization.plot_mask_history``.
 """
 
 from __future__ import annotations

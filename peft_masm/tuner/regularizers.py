@@ -1,4 +1,4 @@
-"""MASM's regularisers (method.md, section 2) as pure functions of stacked factors.
+"""MASM's regularisers (docs/method.md) as pure functions of stacked factors.
 
 Every term is scale-free: it is measured in units of the layer's *reference scale*
 ``rho = ||W||_F / sqrt(d)`` (the root-mean-square singular value of the frozen weight, which cannot
