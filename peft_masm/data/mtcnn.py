@@ -1,7 +1,8 @@
 """A small MTCNN (Zhang et al., 2016) in plain torch that loads facenet-pytorch's pnet/rnet/onet weights.
 
-facenet-pytorch itself imports torchvision (which does not install beside the CPU torch wheel here),
-so only its three ``.pt`` state dicts are used; NMS and resampling are reimplemented in numpy/torch.
+facenet-pytorch itself imports torchvision, which this package does not depend on, so only its three ``.pt``
+state dicts are used (fetched from its pinned PyPI wheel, ``peft_masm.assets``); NMS and resampling are
+reimplemented in numpy/torch.
 """
 
 from __future__ import annotations
