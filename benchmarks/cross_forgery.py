@@ -45,11 +45,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from method_registry import after_optimizer_step, finish_injection, method_config
 from torch import nn
 
 from peft_masm import TrainingStep
 from peft_masm.detector import build_detector, forward_logits, load_image_processor, predict_proba
+from peft_masm.recipe.methods import after_optimizer_step, finish_injection, method_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_forgery"
 DATA_VERSION = "v2"
@@ -71,7 +71,7 @@ class Method:
     name: str
     kind: str  # "probe" (head only), "full" (every weight), "peft" (a method of the registry)
     lrs: tuple[float, ...]
-    config: str | None = None  # the registry method it trains: benchmarks/methods/<config>.yaml
+    config: str | None = None  # the registry method it trains: recipes/methods/<config>.yaml
     part: str = "main"
     random_init: bool = False
     seed_offset: int = 0
@@ -129,7 +129,7 @@ def _ablation(
 
 
 def methods() -> list[Method]:
-    """Every row of the table, in display order. The adapters are methods of the registry (benchmarks/methods/):
+    """Every row of the table, in display order. The adapters are methods of the registry (recipes/methods/):
     ``masm_swept`` is this benchmark's full MASM (regularisers at the swept weight, mask schedule scaled to the
     run), ``adamss_scheduled`` AdaMSS with its schedule scaled to the run; speed.py's ``masm_reg`` and ``adamss``
     keep PEFT's and MASM's default schedules."""

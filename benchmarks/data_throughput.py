@@ -60,9 +60,10 @@ def main() -> None:
 
 def training_step_images_per_second(crops: list[np.ndarray], batch: int, image_size: int) -> float:
     """Median images/s of forward + backward + MASM mask + Adam step of a CLIP ViT-B/16-shaped detector."""
-    from method_registry import method_config
     from peft import get_peft_model
     from transformers import CLIPConfig, CLIPForImageClassification
+
+    from peft_masm.recipe.methods import method_config
 
     vision = dict(
         hidden_size=768,
@@ -73,7 +74,7 @@ def training_step_images_per_second(crops: list[np.ndarray], batch: int, image_s
         image_size=image_size,
     )
     model = CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=2))
-    model = get_peft_model(model, method_config("masm", head=["classifier"]))  # benchmarks/methods/masm.yaml
+    model = get_peft_model(model, method_config("masm", head=["classifier"]))  # recipes/methods/masm.yaml
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     resized = [
         torch.nn.functional.interpolate(

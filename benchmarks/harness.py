@@ -1,6 +1,6 @@
 """What the speed benchmarks share: the models, a method's injection, the timed training step, interleaving and
 the statistics of paired ratios (``speed.py``, ``device_suite.py``, ``step_hooks_overhead.py``,
-``step_breakdown.py``). Methods come from the registry (``method_registry.py``, ``benchmarks/methods/``)."""
+``step_breakdown.py``). Methods come from the registry (``peft_masm.recipe.methods``, ``recipes/methods/``)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import method_registry
 import torch
-from method_registry import is_masm
 from torch import nn
+
+from peft_masm.recipe import methods as method_registry
+from peft_masm.recipe.methods import is_masm
 
 __all__ = [
     "MODELS",

@@ -16,13 +16,14 @@ import peft_masm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import MODELS  # noqa: E402
-from method_registry import method_config  # noqa: E402
+
+from peft_masm.recipe.methods import method_config  # noqa: E402
 
 
 def main() -> None:
     torch.manual_seed(0)
     config = CLIPVisionConfig(**MODELS["vit-l14"])
-    # registry methods (benchmarks/methods/), on MASM's default targets
+    # registry methods (recipes/methods/), on MASM's default targets
     for label, method in [("effort (K=1, k=1)", "effort"), ("default", "masm")]:
         model = CLIPVisionModel(config)
         start = time.perf_counter()

@@ -30,7 +30,7 @@ What it measures, all on randomly initialised CLIP vision towers with a 2-way li
 * **Layer-mask overhead**: MASM with ``layer_mask="dynamic"`` against ``"none"`` on a small CLIP,
   interleaved, over enough steps to include mask decisions.
 
-Methods are files of the registry (``benchmarks/methods/<name>.yaml``, ``method_registry.py``), the targets'
+Methods are files of the registry (``recipes/methods/<name>.yaml``, ``peft_masm.recipe.methods``), the targets'
 limits are ``benchmarks/targets.yaml`` (``speed_report.py``), and the models, the timed step and the statistics
 are ``harness.py``, shared with ``device_suite.py`` (``--device``) and the other speed benchmarks.
 """

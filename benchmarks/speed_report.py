@@ -284,7 +284,7 @@ def _mask_overhead_targets(t: dict[str, list[float]], limits: dict[str, Any]) ->
 
 
 def _compile_targets(comp: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
-    from method_registry import is_masm
+    from peft_masm.recipe.methods import is_masm
 
     most = limits["max_graph_breaks_in_masm_code"]
     allowed = "no graph break" if most == 0 else f"at most {most} graph breaks"

@@ -6,7 +6,7 @@
 Each method's step (``peft_masm.TrainingStep``, AdamW) is timed interleaved with the others in one process, on
 ViT-B/16 at batch 1 and 8 and on the host-bound stand-in of a GPU step (``narrow-l14``: ViT-L/14's 24 blocks at
 width 64, see ``harness.py``). ``masm`` / ``masm_reg`` use the step hooks (the default), ``*_explicit`` the same
-config with ``step_hooks=False`` (``benchmarks/methods/*_explicit.yaml``) (the loop adds the regularisers to the loss and calls the mask and the fit
+config with ``step_hooks=False`` (``recipes/methods/*_explicit.yaml``) (the loop adds the regularisers to the loss and calls the mask and the fit
 bound). Writes ``benchmarks/results/step_hooks_overhead.json``: per setting the median seconds of each method and
 the paired ratios hooks / explicit and method / LoRA.
 """

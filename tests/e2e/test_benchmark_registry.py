@@ -1,4 +1,4 @@
-"""The benchmarks' one registry of methods (``benchmarks/methods/*.yaml``), the targets' limits read from
+"""The one registry of methods (``recipes/methods/*.yaml``, ``peft_masm.recipe.methods``), the targets' limits read from
 ``benchmarks/targets.yaml``, and the benchmarks' functions kept short (issue 28, item 5)."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ sys.path.insert(0, str(BENCHMARKS))
 import cross_forgery  # noqa: E402
 import device_suite  # noqa: E402
 import harness  # noqa: E402
-import method_registry  # noqa: E402
 import speed  # noqa: E402
 import speed_report  # noqa: E402
 import step_hooks_overhead  # noqa: E402
+
+from peft_masm.recipe import methods as method_registry  # noqa: E402
 
 CONTEXT = {"steps": 30, "reg_weight": 0.1, "layer_norms": ["layernorm", "layer_norm1"]}
 

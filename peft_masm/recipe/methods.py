@@ -1,23 +1,23 @@
-"""The benchmarks' one registry of methods: every method is a file ``benchmarks/methods/<name>.yaml``.
+"""The experiment files: every method is one YAML file, ``recipes/methods/<name>.yaml`` (or any path to one).
 
-A method file holds (PEFT's ``method_comparison`` keeps one adapter config per experiment the same way)::
+``recipes/compare.py`` trains them on a recipe config and the benchmarks time them; adding a method is adding a
+file. A file holds (PEFT's ``method_comparison`` keeps one adapter config per experiment the same way)::
 
     description: one line
-    peft_type: MASM            # a PEFT type (LORA, OSF, ADAMSS, LN_TUNING, MASM, ...); null: the frozen base
+    peft_type: MASM            # a PEFT type (LORA, OSF, ADAMSS, LN_TUNING, MASM, ...); null: no adapter
+    trains: head               # peft_type null only: "head" (the linear probe) or "all" (full fine-tuning)
     preset: effort             # optional, MASM only: the fields of peft_masm.presets' preset, under `config`
     extends: masm_reg          # optional: another method file, whose fields this one overrides
+    learning_rates: [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]   # the grid compare.py chooses from on validation
     asa_keep_ratio: 0.75       # optional, AdaMSS: the allocator's target as a share of all subspaces
     config:                    # the config's keyword arguments
       orthogonality_weight: 0.1
       target_modules: ${targets}
 
-A value written ``${...}`` is computed from what the benchmark knows (``method_config``'s arguments): ``hidden``
-(the model width), ``targets`` and ``head`` (target modules and ``modules_to_save``; when the benchmark gives none
+A value written ``${...}`` is computed from what the caller knows (``method_config``'s arguments): ``hidden``
+(the model width), ``targets`` and ``head`` (target modules and ``modules_to_save``; when the caller gives none
 the key is left out and the config's default applies), ``steps`` (the run length), ``reg_weight`` (a swept
 regulariser weight) and ``layer_norms``; ``+ - * //``, ``max`` and ``min`` combine them.
-
-``speed.py`` (and ``device_suite.py``, ``step_hooks_overhead.py``, ``step_breakdown.py`` through it) names
-methods by file; ``cross_forgery.py``'s rows name the file they train.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ import ast
 import functools
 import operator
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-METHODS_DIR = Path(__file__).resolve().parent / "methods"
+# The experiment files live beside the recipes, in the source checkout (recipes/ is not part of the wheel).
+METHODS_DIR = Path(__file__).resolve().parents[2] / "recipes" / "methods"
 _EXPRESSION = re.compile(r"^\$\{(.+)\}$", re.DOTALL)
 _OPERATORS = {
     ast.Add: operator.add,
@@ -40,7 +42,9 @@ _OPERATORS = {
     ast.FloorDiv: operator.floordiv,
 }
 _FUNCTIONS = {"max": max, "min": min}
-_SPEC_KEYS = {"description", "peft_type", "preset", "extends", "asa_keep_ratio", "config"}
+_SPEC_KEYS = {
+    "description", "peft_type", "trains", "preset", "extends", "learning_rates", "asa_keep_ratio", "config"
+}  # fmt: skip
 
 
 def names() -> list[str]:
@@ -48,15 +52,32 @@ def names() -> list[str]:
     return sorted(path.stem for path in METHODS_DIR.glob("*.yaml"))
 
 
+def method_path(name: str) -> Path:
+    """The file of method ``name``: ``METHODS_DIR/<name>.yaml``, or ``name`` itself when it is a ``.yaml`` path."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    return METHODS_DIR / f"{name}.yaml"
+
+
+def method_name(name: str) -> str:
+    """The display name of method ``name`` (a path's file stem)."""
+    return Path(name).stem if name.endswith((".yaml", ".yml")) else name
+
+
 @functools.cache
 def _read(name: str) -> dict[str, Any]:
-    path = METHODS_DIR / f"{name}.yaml"
+    path = method_path(name)
     if not path.is_file():
-        raise ValueError(f"unknown method {name!r}: no {path.relative_to(METHODS_DIR.parent.parent)}")
+        known = ", ".join(names())
+        raise ValueError(f"unknown method {name!r}: no file {path} (add one, or pick one of: {known})")
     spec = yaml.safe_load(path.read_text()) or {}
     unknown = set(spec) - _SPEC_KEYS
     if unknown:
-        raise ValueError(f"method {name!r}: unknown keys {sorted(unknown)} (known: {sorted(_SPEC_KEYS)})")
+        raise ValueError(
+            f"method {name!r}: unknown keys {sorted(unknown)} in {path} (known: {sorted(_SPEC_KEYS)})"
+        )
+    if spec.get("trains", "head") not in ("head", "all"):
+        raise ValueError(f"method {name!r}: trains must be 'head' or 'all', got {spec['trains']!r}")
     return spec
 
 
@@ -159,3 +180,55 @@ def after_optimizer_step(model: Any) -> Any:
 
         return allocate
     return None
+
+
+def backbone_context(backbone: str) -> dict[str, Any]:
+    """What a method file's expressions may need from the backbone: ``hidden`` (its width) and ``layer_norms``
+    (the name endings of its LayerNorms, LN tuning's targets)."""
+    from torch import nn
+
+    from ..detector import load_base_classifier
+
+    model = load_base_classifier(backbone, quiet_new_head=True)
+    vision = getattr(
+        model.config, "vision_config", model.config
+    )  # CLIP's classifier nests its tower's config
+    norms = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    return {"hidden": vision.hidden_size, "layer_norms": sorted(norms)}
+
+
+def build_method_model(
+    name: str, backbone: str, context: dict[str, Any], *, pooling: str = "model"
+) -> tuple[Any, Callable[[int], Any] | None]:
+    """The detector of method ``name`` on ``backbone`` (the recipe's ``build_detector``: 2-way head, the method's
+    adapter) and the callback its optimizer steps need (AdaMSS's allocator), or None.
+
+    ``peft_type: null`` builds the plain classifier: only the head trains (``trains: head``, the linear probe), or
+    every weight (``trains: all``, full fine-tuning). ``context``: ``backbone_context`` plus ``steps``.
+    """
+    from ..detector import _with_pooling, build_detector, head_module_names, load_base_classifier
+
+    config = method_config(name, **context)
+    if config is None:
+        model = _with_pooling(load_base_classifier(backbone, quiet_new_head=True), pooling)
+        model.requires_grad_(spec(name).get("trains", "head") == "all")
+    else:
+        model = build_detector(backbone, config, pooling=pooling)
+        finish_injection(name, model)  # AdaMSS: its allocator's target, once the total is known
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for head in head_module_names(base):
+        getattr(base, head).requires_grad_(
+            True
+        )  # every method trains the same head (OSF ignores modules_to_save)
+    return model, after_optimizer_step(model)
+
+
+def trainable_parameters(model: Any) -> dict[str, int]:
+    """Trainable parameters of ``model``: ``backbone`` (all but the head) and ``head``."""
+    from ..detector import head_module_names
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head_ids = {id(p) for name in head_module_names(base) for p in getattr(base, name).parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    head = sum(p.numel() for p in trained if id(p) in head_ids)
+    return {"backbone": sum(p.numel() for p in trained) - head, "head": head}
