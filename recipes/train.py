@@ -20,24 +20,20 @@ from __future__ import annotations
 import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from peft_masm.data import collate
 from peft_masm.detector import (
     MASMDetector,
     build_detector,
-    forward_logits,
     load_image_processor,
 )
 from peft_masm.evaluation import predict, score_sets
@@ -53,8 +49,9 @@ from peft_masm.recipe.config import DetectorSettingError, TrainConfig
 from peft_masm.recipe.data import RecipeData, build_data
 from peft_masm.recipe.interrupts import interrupts_held, written_whole
 from peft_masm.recipe.run import main
+from peft_masm.recipe.step import prepare_training
 from peft_masm.recipe.tracking import make_trackers
-from peft_masm.training import TrainingStep, maybe_masm_model
+from peft_masm.training import TrainingStep
 
 
 def training_function(cfg: TrainConfig, state: TrainState) -> dict[str, Any]:
@@ -124,41 +121,6 @@ def build_detector_and_data(cfg: TrainConfig, accelerator: Accelerator) -> tuple
     tests = ", ".join(f"{name} ({len(ds)})" for name, ds in data.tests.items()) or "none"
     log(f"      train {len(data.train)}, validation {len(data.val)}, test sets: {tests}")
     return MASMDetector(peft_model, processor, training_config=cfg.to_dict()), data
-
-
-def prepare_training(
-    cfg: TrainConfig, accelerator: Accelerator, peft_model: Any, data: RecipeData
-) -> tuple[TrainingStep, Any]:
-    """The training step (loss, optimizer, scheduler, the prepared model) and the prepared training loader."""
-    counts = torch.bincount(torch.tensor(data.train_labels), minlength=2).float()
-    class_weights = (counts.sum() / (2 * counts)).to(accelerator.device) if cfg.balance_classes else None
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                              num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
-    optimizer_class = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = optimizer_class(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # The scheduler counts the steps of all processes together (accelerate steps it once per process).
-    total_steps = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps) * cfg.epochs
-    schedule = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.lr_scheduler]
-    scheduler = get_scheduler(
-        schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
-    )
-    model, optimizer, train_loader, scheduler = accelerator.prepare(
-        peft_model, optimizer, train_loader, scheduler
-    )
-    step = TrainingStep(model, optimizer, partial(classification_loss, class_weights=class_weights),
-                        accelerator=accelerator, scheduler=scheduler, max_grad_norm=cfg.max_grad_norm,
-                        on_non_finite=cfg.on_non_finite, masm_model=maybe_masm_model(peft_model))  # fmt: skip
-    return step, train_loader
-
-
-def classification_loss(
-    model: torch.nn.Module, batch: dict[str, Any], class_weights: torch.Tensor | None
-) -> Any:
-    """Cross-entropy of the detector's logits (the regularisers are added by ``TrainingStep``)."""
-    device = next(model.parameters()).device
-    logits = forward_logits(model, batch["pixel_values"].to(device)).float()
-    return torch.nn.functional.cross_entropy(logits, batch["labels"].to(device), weight=class_weights)
 
 
 def train(cfg: TrainConfig, accelerator: Accelerator, step: TrainingStep, train_loader: Any, data: RecipeData,

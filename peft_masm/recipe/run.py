@@ -13,7 +13,7 @@ from .checkpoints import TrainState, interrupted_message
 from .config import ConfigError, RecipeArgumentParser, format_help, parse_args
 from .interrupts import run_interruptible
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "is_main_process", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "is_main_process", "main", "user_errors"]
 
 EXIT_USAGE = 2  # a bad configuration, data, backbone or Hub setting (argparse's code for a usage error)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
@@ -23,10 +23,6 @@ TrainingFunction = Callable[[Any, TrainState], dict[str, Any]]
 
 def main(training_function: TrainingFunction, argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run ``training_function(cfg, state)``; the exit code."""
-    from ..data import DataError
-    from ..detector import BackboneNotAvailableError
-    from ..hub import AdapterPushError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(format_help())
@@ -42,7 +38,7 @@ def main(training_function: TrainingFunction, argv: list[str] | None = None) -> 
     try:
         cfg = parse_args(argv)
         summary = run_interruptible(lambda: training_function(cfg, state))
-    except (ConfigError, DataError, BackboneNotAvailableError, AdapterPushError, FileNotFoundError) as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # while the config is read (run_interruptible reports one during the run)
@@ -55,6 +51,15 @@ def main(training_function: TrainingFunction, argv: list[str] | None = None) -> 
     if not summary.get("stopped_early") and "adapter_dir" in summary and is_main_process():
         print_summary(summary)
     return 0
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are a user's mistake (configuration, data, backbone, Hub): one line and exit code 2."""
+    from ..data import DataError
+    from ..detector import BackboneNotAvailableError
+    from ..hub import AdapterPushError
+
+    return (ConfigError, DataError, BackboneNotAvailableError, AdapterPushError, FileNotFoundError)
 
 
 def is_main_process() -> bool:
