@@ -151,3 +151,45 @@ def earlier_run(out: Path, cfg_path: Path) -> list[Path]:
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     return [ckpt / "run_config.json", out / "adapter" / "adapter_model.safetensors", out / "metrics.jsonl"]
+
+
+def make_deepfakebench(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny DeepfakeBench layout: frames on disk, ``dataset_json/TinyFF.json`` (train and val videos of 3 frames)
+    and ``dataset_json/test_sets.json`` holding two test datasets: ``TinyCDF`` (videos of 3 frames) and
+    ``TinyStills`` (one frame each, no videos), with a label dictionary. Returns the JSONs' and labels' paths."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    labels = {"real": 0, "fake": 1}
+
+    def dataset(name: str, splits: dict[str, int], frames: int) -> dict[str, dict[str, dict[str, object]]]:
+        out: dict[str, dict[str, dict[str, object]]] = {}
+        for label in labels:
+            node: dict[str, object] = {}
+            for split, videos in splits.items():
+                node[split] = {}
+                for v in range(videos):
+                    folder = root / "frames" / name / label / split / f"{v:03d}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    paths = []
+                    for f in range(frames):
+                        _image(rng, label == "fake").save(folder / f"{f}.png")
+                        paths.append(str((folder / f"{f}.png").relative_to(root)))
+                    node[split][f"{v:03d}"] = {"label": f"{name}-{label}", "frames": paths}  # type: ignore[index]
+            out[f"{name}-{label}"] = node
+        return out
+
+    jsons = root / "dataset_json"
+    jsons.mkdir(parents=True, exist_ok=True)
+    (jsons / "TinyFF.json").write_text(json.dumps({"TinyFF": dataset("TinyFF", {"train": 8, "val": 3}, 3)}))
+    tests = {
+        "TinyCDF": dataset("TinyCDF", {"test": 4}, 3),
+        "TinyStills": dataset("TinyStills", {"test": 8}, 1),
+    }
+    (jsons / "test_sets.json").write_text(json.dumps(tests))
+    label_dict = {
+        f"{d}-{label}": v for d in ("TinyFF", "TinyCDF", "TinyStills") for label, v in labels.items()
+    }
+    (root / "labels.json").write_text(json.dumps(label_dict))
+    return {"train": jsons / "TinyFF.json", "tests": jsons / "test_sets.json", "labels": root / "labels.json"}
