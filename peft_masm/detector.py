@@ -263,7 +263,8 @@ class CLIPPoolerClassifier(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def _with_pooling(model: nn.Module, pooling: str) -> nn.Module:
+def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
+    """``model`` whose head reads ``pooling``: the classifier's own (``"model"``), or CLIP's ``pooler_output``."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not one of {list(POOLINGS)}.")
     if pooling == "model":
@@ -382,7 +383,7 @@ def build_detector(
             FutureWarning,
             stacklevel=2,
         )
-    model = _with_pooling(
+    model = with_pooling(
         load_base_classifier(backbone, torch_dtype=torch_dtype, quiet_new_head=True), pooling
     )
     config = copy.deepcopy(masm_config) if masm_config is not None else MASMConfig()
@@ -586,7 +587,7 @@ class MASMDetector:
             )
         config = DetectorConfig.from_pretrained(folder)
         training = read_training_config(folder)
-        model = _with_pooling(
+        model = with_pooling(
             load_base_classifier(base, torch_dtype=torch_dtype, quiet_new_head=True), config.pooling
         )
         with quiet_peft_deprecation_probe():

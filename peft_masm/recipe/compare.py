@@ -379,4 +379,6 @@ def run_comparison(
     if not accelerator.is_main_process:
         return None
     runs = [store.load(r) for r in plan.sweep_runs() + final]
-    return write_report(out, plan, runs, test_items(data), list(data.tests), n_bootstrap=n_bootstrap)
+    return write_report(
+        out, plan.methods, plan.reference, runs, test_items(data), list(data.tests), n_bootstrap
+    )

@@ -18,7 +18,6 @@ import numpy as np
 from ..metrics.detection import group_by_video
 from ..metrics.paired import PairedScores, frame_auc, paired_difference
 from . import methods as registry
-from .compare import ComparePlan
 
 __all__ = ["summarise", "table_markdown", "plot_forest", "write_report"]
 
@@ -80,15 +79,16 @@ def _row(method: str, runs: list[dict[str, Any]], sweep: list[dict[str, Any]], i
     }
 
 
-def summarise(plan: ComparePlan, runs: list[dict[str, Any]], items: Items, top_level: list[str],
+def summarise(methods: list[str], reference: str, runs: list[dict[str, Any]], items: Items, top_level: list[str],
               n_bootstrap: int = 1000) -> dict[str, Any]:  # fmt: skip
-    """The summary of a finished comparison (``summary.json``)."""
+    """The summary of a finished comparison (``summary.json``): a row per method (in ``methods`` order), paired
+    against ``reference``, and the noise-floor row."""
     by = {(r["method"], r["stage"]): [] for r in runs}  # type: dict[tuple[str, str], list[dict[str, Any]]]
     for r in runs:
         by[(r["method"], r["stage"])].append(r)
-    ref = registry.method_name(plan.reference)
+    ref = registry.method_name(reference)
     rows = []
-    for method in plan.methods:
+    for method in methods:
         name = registry.method_name(method)
         row = _row(method, by[(name, "test")], by.get((name, "sweep"), []), items, top_level)
         if name != ref:
@@ -96,7 +96,7 @@ def summarise(plan: ComparePlan, runs: list[dict[str, Any]], items: Items, top_l
                 by[(name, "test")], by[(ref, "test")], items, top_level, n_bootstrap
             )
         rows.append(row)
-    noise = _row(plan.reference, by[(ref, "noise")], [], items, top_level)
+    noise = _row(reference, by[(ref, "noise")], [], items, top_level)
     noise.update(method=f"{ref} (other seeds)", noise_floor=True)
     noise["vs_reference"] = _paired(by[(ref, "noise")], by[(ref, "test")], items, top_level, n_bootstrap)
     return {"reference": ref, "test_sets": list(items), "averaged_over": top_level, "n_bootstrap": n_bootstrap,
@@ -170,10 +170,10 @@ def plot_forest(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, plan: ComparePlan, runs: list[dict[str, Any]], items: Items, top_level: list[str],
-                 n_bootstrap: int = 1000) -> dict[str, Any]:  # fmt: skip
+def write_report(out: Path, methods: list[str], reference: str, runs: list[dict[str, Any]], items: Items,
+                 top_level: list[str], n_bootstrap: int = 1000) -> dict[str, Any]:  # fmt: skip
     """Write ``summary.json``, ``table.md`` and ``forest.png`` into ``out``; returns the summary."""
-    summary = summarise(plan, runs, items, top_level, n_bootstrap)
+    summary = summarise(methods, reference, runs, items, top_level, n_bootstrap)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text(table_markdown(summary))
     plot_forest(summary, out / "forest.png")

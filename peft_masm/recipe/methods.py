@@ -206,11 +206,11 @@ def build_method_model(
     ``peft_type: null`` builds the plain classifier: only the head trains (``trains: head``, the linear probe), or
     every weight (``trains: all``, full fine-tuning). ``context``: ``backbone_context`` plus ``steps``.
     """
-    from ..detector import _with_pooling, build_detector, head_module_names, load_base_classifier
+    from ..detector import build_detector, head_module_names, load_base_classifier, with_pooling
 
     config = method_config(name, **context)
     if config is None:
-        model = _with_pooling(load_base_classifier(backbone, quiet_new_head=True), pooling)
+        model = with_pooling(load_base_classifier(backbone, quiet_new_head=True), pooling)
         model.requires_grad_(spec(name).get("trains", "head") == "all")
     else:
         model = build_detector(backbone, config, pooling=pooling)

@@ -1,6 +1,6 @@
 """Every model type in MASM's default-target table, on a tiny config: inject, train, save, reload, merge.
 
-The table (``DEFAULT_ATTENTION_TARGETS``) and README's "Default targets" table must list the same model
+The table (``DEFAULT_ATTENTION_TARGETS``) and the "Default targets" table of docs/method.md must list the same model
 types, and every entry must be exercised here: a default that wraps a module its parent never calls
 (SigLIP's pooling head, an ``nn.MultiheadAttention``) trains nothing but still merges, which
 ``merged == unmerged`` after training catches.
@@ -128,10 +128,10 @@ def _output(model: nn.Module, model_type: str, inputs: dict[str, torch.Tensor]) 
     return out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
 
 
-def test_every_default_model_type_has_a_case_and_a_readme_row():
+def test_every_default_model_type_has_a_case_and_a_docs_row():
     assert set(CASES) == set(DEFAULT_ATTENTION_TARGETS) == set(DEFAULT_MLP_TARGETS)
-    readme = (ROOT / "README.md").read_text()
-    rows = set(re.findall(r"^\| `([a-z0-9_-]+)` \|", readme, flags=re.M))
+    docs = (ROOT / "docs" / "method.md").read_text()
+    rows = set(re.findall(r"^\| `([a-z0-9_-]+)` \|", docs, flags=re.M))
     assert set(DEFAULT_ATTENTION_TARGETS) <= rows, sorted(set(DEFAULT_ATTENTION_TARGETS) - rows)
 
 

@@ -139,10 +139,10 @@ def test_pooler_output_head_reads_the_layer_normed_cls_token(tmp_path):
 
 
 def test_pooler_output_is_refused_for_a_backbone_without_it(tmp_path):
-    from peft_masm.detector import _with_pooling  # noqa: PLC2701  (tested directly)
+    from peft_masm.detector import with_pooling
 
     with pytest.raises(ValueError, match="pooling='pooler_output' is implemented for CLIP"):
-        _with_pooling(torch.nn.Linear(2, 2), "pooler_output")
+        with_pooling(torch.nn.Linear(2, 2), "pooler_output")
 
 
 def test_building_and_loading_a_detector_prints_no_future_warning(tiny, tmp_path):
