@@ -177,7 +177,8 @@ def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from peft import PeftModel, get_peft_model_state_dict
 
     if isinstance(model, PeftModel):
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        state = get_peft_model_state_dict(model, save_embedding_layers=False)  # no embedding layer is trained
+        return {k: v.detach().clone() for k, v in state.items()}
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
@@ -259,6 +260,16 @@ def train_run(
     accelerator.free_memory()
     gc.collect()
     return record
+
+
+def check_methods(methods: list[str], context: dict[str, Any]) -> None:
+    """Build each method's config once before any run, so that a method this comparison cannot make (an expression
+    it has no value for, a field its PEFT config does not take) stops it with one line."""
+    for method in methods:
+        try:
+            registry.method_config(method, **context)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"method {method!r} cannot be built here: {err}") from err
 
 
 def test_items(data: RecipeData) -> dict[str, dict[str, list[Any]]]:
@@ -348,6 +359,7 @@ def run_comparison(
             "the config has no test set to compare the methods on; add test_sets (or test_families)."
         )
     store, context = RunStore(out, cfg), run_context(cfg, data)
+    check_methods(plan.methods, context)
     swept = all(
         store.done(r) for r in plan.sweep_runs()
     )  # the final runs are known once the rates are chosen

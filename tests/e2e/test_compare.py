@@ -90,6 +90,10 @@ def test_two_methods_two_seeds_then_resume(config, tmp_path):
         (("--seeds", "0"), "--seeds must be at least 1"),
         (("--learning_rates", "fast"), "--learning_rates takes comma-separated numbers"),
         (("--epochs", "0"), "epochs must be a positive integer"),
+        (
+            ("--methods", "masm,masm_swept"),
+            "method 'masm_swept' cannot be built here: method 'masm_swept' needs 'reg_weight'",
+        ),
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2(config, tmp_path, extra, message):
