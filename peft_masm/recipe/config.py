@@ -144,6 +144,16 @@ class TrainConfig:
     face_size: int = _f(224, "Face crop size in pixels of the synthetic benchmark.")
     fakes_per_face: int = _f(1, "Fakes synthesised per real face and family.")
     include_lfw: bool = _f(True, "Include scikit-image's LFW subset in the real-face corpus.")
+    face_sources: list[str] | None = _f(
+        None,
+        "Real-face sources of the synthetic benchmark (of carphone, faceapi, astronaut, lfw_subset, nba, solvay); "
+        "null: the first four (include_lfw decides lfw_subset).",
+    )
+    test_fraction: float | None = _f(
+        None,
+        "Synthetic data: hold out this share of the faces' people as the test split, and val_fraction of them for "
+        "validation (no person in two splits); null: test on test_identities, validate on held-out faces.",
+    )
     carphone_frames: int = _f(24, "Frames taken from the carphone clip.")
     # test sets (evaluated with the best-on-validation adapter after training)
     test_sets: list[dict[str, Any]] = _f([], "Test sets: {name, kind, path, split, label_dict, ...} each.")
@@ -229,6 +239,13 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
+        if self.test_fraction is not None and not (
+            0.0 < self.test_fraction and self.val_fraction + self.test_fraction < 1.0
+        ):
+            raise ConfigError(
+                f"test_fraction must be > 0 with val_fraction + test_fraction < 1, got {self.test_fraction}."
+            )
+        self._check_face_sources()
         if self.data != "synthetic" and not self.train_path:
             raise ConfigError(
                 f"data: {self.data} needs train_path (the DeepfakeBench JSON, folder or manifest)."
@@ -239,6 +256,13 @@ class TrainConfig:
             )
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"image_size must be positive, got {self.image_size}.")
+
+    def _check_face_sources(self) -> None:
+        from ..data.corpus import SOURCES
+
+        unknown = sorted(set(self.face_sources or []) - set(SOURCES))
+        if unknown or self.face_sources == []:
+            raise ConfigError(f"face_sources: unknown or none {unknown}; choose from {list(SOURCES)}.")
 
     def test_set_configs(self) -> list[TestSetConfig]:
         return [from_dict(TestSetConfig, t, where=f"test_sets[{i}]") for i, t in enumerate(self.test_sets)]

@@ -24,6 +24,7 @@ from ..data import (
     load_folder,
     load_manifest,
     split_by_identity,
+    split_by_person,
     with_image_processor,
 )
 from ..data.io import UnusableFileError
@@ -113,6 +114,21 @@ def _face_cropper(cfg: TrainConfig) -> FaceCropper | None:
     )
 
 
+def _face_splits(corpus: datasets.Dataset, cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """Training, validation and test faces: by person (``test_fraction``), or the ``test_identities`` held out
+    for test and ``val_fraction`` of the other faces (people seen in training) for validation."""
+    if cfg.test_fraction is not None:
+        parts = split_by_person(
+            corpus, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed
+        )
+        return parts["train"], parts["validation"], parts["test"]
+    parts = split_by_identity(corpus, test_identities=cfg.test_identities)
+    train_faces = parts["train"]
+    idx = np.random.default_rng(cfg.seed).permutation(len(train_faces))
+    n_val = max(2, round(cfg.val_fraction * len(train_faces)))
+    return train_faces.select(sorted(idx[n_val:])), train_faces.select(sorted(idx[:n_val])), parts["test"]
+
+
 def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
     from ..data import FAMILIES
 
@@ -128,19 +144,16 @@ def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
             f"families {sorted(overlap)} are in both train_families and test_families; "
             "held-out families must not be trained on."
         )
-    corpus = build_real_face_corpus(
-        size=cfg.face_size, include_lfw=cfg.include_lfw, carphone_frames=cfg.carphone_frames
-    )
-    parts = split_by_identity(corpus, test_identities=cfg.test_identities)
-    train_faces, test_faces = parts["train"], parts["test"]
-    # Validation: held-out faces (with their fakes) of the training identities and families.
-    idx = np.random.default_rng(cfg.seed).permutation(len(train_faces))
-    n_val = max(2, round(cfg.val_fraction * len(train_faces)))
-    val_faces, fit_faces = train_faces.select(sorted(idx[:n_val])), train_faces.select(sorted(idx[n_val:]))
+    corpus = build_real_face_corpus(size=cfg.face_size, include_lfw=cfg.include_lfw,
+                                    carphone_frames=cfg.carphone_frames, sources=cfg.face_sources)  # fmt: skip
+    fit_faces, val_faces, test_faces = _face_splits(corpus, cfg)
     train = build_forgery_benchmark(
         fit_faces, cfg.train_families, seed=cfg.seed, fakes_per_face=cfg.fakes_per_face
     )
-    val = build_forgery_benchmark(val_faces, cfg.train_families, seed=cfg.seed + 1, donors=fit_faces)
+    # Swap donors of another person: from the validation people themselves when people are split (never across
+    # splits), else from the training faces (the same people).
+    donors = val_faces if cfg.test_fraction is not None else fit_faces
+    val = build_forgery_benchmark(val_faces, cfg.train_families, seed=cfg.seed + 1, donors=donors)
     if cfg.max_train_samples is not None:
         train = train.shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples, len(train))))
     tests: dict[str, datasets.Dataset] = {}

@@ -87,6 +87,35 @@ def test_synthetic_splits_keep_identities_and_families_apart(cfg_args):
     assert sorted(set(data.train_labels)) == [0, 1]
 
 
+def test_people_split_three_ways_with_test_fraction(monkeypatch):
+    # the cross-forgery benchmark's split: no person in two of train, validation and test
+    seen = {}
+
+    def corpus(**kwargs):
+        seen.update(kwargs)
+        ids = [f"p{i}" for i in range(10) for _ in range(2)]
+        return _corpus().select([0] * len(ids)).remove_columns("identity").add_column("identity", ids)
+
+    monkeypatch.setattr(recipe_data, "build_real_face_corpus", corpus)
+    args = ["--test_fraction", "0.3", "--val_fraction", "0.2", "--train_families", "sbi", "--test_families",
+            "double_jpeg", "--face_sources", "nba,lfw_subset"]  # fmt: skip
+    data = recipe_data.build_data(load_config(None, args), _Processor())
+    people = {name: set(ds.with_format(None)["identity"]) for name, ds in
+              (("train", data.train), ("val", data.val), ("test", data.tests["held-out identities, all families"]))}  # fmt: skip
+    assert (len(people["train"]), len(people["val"]), len(people["test"])) == (5, 2, 3)
+    assert not (
+        people["train"] & people["val"] or people["train"] & people["test"] or people["val"] & people["test"]
+    )
+    assert seen["sources"] == ["nba", "lfw_subset"]
+
+
+def test_bad_test_fraction_and_face_sources_are_one_line():
+    with pytest.raises(ConfigError, match="test_fraction must be > 0 with val_fraction \+ test_fraction < 1"):
+        load_config(None, ["--test_fraction", "0.9"])
+    with pytest.raises(ConfigError, match="face_sources: unknown or none \['celeba'\]; choose from"):
+        load_config(None, ["--face_sources", "nba,celeba"])
+
+
 def test_bad_family_choices_are_rejected(cfg_args):
     with pytest.raises(ConfigError, match="unknown forgery families \\['sbx'\\]"):
         recipe_data.build_data(load_config(None, [*cfg_args, "--train_families", "sbx"]), _Processor())
