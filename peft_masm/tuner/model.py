@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -60,6 +61,17 @@ class MASMModel(BaseTuner):
         ):
             raise ValueError(no_default_targets_message(model_config.get("model_type")))
         return super()._prepare_adapter_config(peft_config, model_config)  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: MASMConfig, key: str) -> bool | re.Match[str] | None:  # type: ignore[override]
+        """PEFT's match, with ``layers_to_transform`` applied to a regex ``target_modules`` too: PEFT applies the
+        layer indices to a list of names only, and MASM's default targets for CLIP, SigLIP, ... are regexes."""
+        found = BaseTuner._check_target_module_exists(peft_config, key)
+        layers = peft_config.layers_to_transform
+        if not found or not isinstance(peft_config.target_modules, str) or layers is None:
+            return found
+        index = _layer_index(key, peft_config.layers_pattern)
+        return index is not None and index in ([layers] if isinstance(layers, int) else layers)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject MASM layers; a trainable adapter is decomposed at once, a loaded one never is."""
@@ -427,3 +439,15 @@ def _check_loaded_adapter_complete(module: MASMModel, incompatible_keys) -> None
 def _pass_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The layer index in module name ``key`` as PEFT reads it: the first numbered component, or the number after
+    one of ``layers_pattern``."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for regex in regexes:
+        match = re.match(regex, key)
+        if match is not None:
+            return int(match.group("idx"))
+    return None
