@@ -20,6 +20,7 @@ import contextlib
 import copy
 import gc
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -34,7 +35,7 @@ import torch
 from ..evaluation import predict
 from ..metrics.paired import frame_auc
 from . import methods as registry
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, DetectorSettingError, TrainConfig
 from .data import RecipeData
 from .step import optimizer_steps, prepare_training
 
@@ -222,6 +223,22 @@ def _score_tests(model: Any, data: RecipeData, cfg: TrainConfig, accelerator: An
     return {name: [round(float(s), 6) for s in scores] for name, scores in scored.items()}
 
 
+def _training_batches(data: RecipeData, cfg: TrainConfig, seed: int) -> Callable[[int], Iterator[Any]]:
+    """``n`` shuffled training batches, the same on every process (a method that chooses its layers from them)."""
+    from torch.utils.data import DataLoader
+
+    from ..data import collate
+
+    def take(n: int) -> Iterator[Any]:
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(
+            data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator
+        )
+        return itertools.islice(iter(loader), n)
+
+    return take
+
+
 def train_run(
     run: Run,
     cfg: TrainConfig,
@@ -239,7 +256,11 @@ def train_run(
     run_cfg = copy.copy(cfg)
     run_cfg.learning_rate, run_cfg.seed = run.learning_rate, run.seed
     set_seed(run.seed)
-    model, after_step = registry.build_method_model(run.method, cfg.backbone, context, pooling=cfg.pooling)
+    try:
+        model, after_step = registry.build_method_model(run.method, cfg.backbone, context, pooling=cfg.pooling,
+                                                        batches=_training_batches(data, cfg, run.seed))  # fmt: skip
+    except ValueError as err:  # the adapter does not fit this backbone (K*k at or above a layer's rank, ...)
+        raise DetectorSettingError(f"method {run.method!r}: {err}") from err
     step, loader = prepare_training(run_cfg, accelerator, model, data, after_step)
     best: dict[str, Any] = {}
     for epoch in _epochs(run_cfg, step, loader):
@@ -253,6 +274,8 @@ def train_run(
     record = {"method": registry.method_name(run.method), "stage": run.stage, "learning_rate": run.learning_rate,
               "seed": run.seed, "trainable": registry.trainable_parameters(model), "taken_steps": step.step_state.num_steps,
               **best}  # fmt: skip
+    if registry.spec(run.method).get("layer_selection"):
+        record["layers"] = list(model.peft_config["default"].layers_to_transform)
     if score_tests:
         record["test_scores"] = _score_tests(step.model, data, cfg, accelerator)
     record["seconds"] = time.perf_counter() - t0

@@ -65,7 +65,7 @@ def _row(method: str, runs: list[dict[str, Any]], sweep: list[dict[str, Any]], i
          top_level: list[str]) -> dict[str, Any]:  # fmt: skip
     tests = _set_means(runs, items)
     return {
-        "method": method,
+        "method": registry.method_name(method),
         "description": registry.spec(method).get("description", ""),
         "learning_rate": runs[0]["learning_rate"],
         "sweep": {f"{r['learning_rate']:g}": r["val_metric"] for r in sweep},
@@ -76,6 +76,7 @@ def _row(method: str, runs: list[dict[str, Any]], sweep: list[dict[str, Any]], i
         "val_auc": float(np.mean([r["val_auc"] for r in runs])),
         "tests": tests,
         "average_frame_auc": float(np.mean([tests[n]["frame_auc"] for n in top_level])),
+        **({"adapted_layers": [r["layers"] for r in runs]} if "layers" in runs[0] else {}),
     }
 
 

@@ -10,6 +10,9 @@ file. A file holds (PEFT's ``method_comparison`` keeps one adapter config per ex
     extends: masm_reg          # optional: another method file, whose fields this one overrides
     learning_rates: [3.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]   # the grid compare.py chooses from on validation
     asa_keep_ratio: 0.75       # optional, AdaMSS: the allocator's target as a share of all subspaces
+    layer_selection:           # optional: adapt only the layers whose gradients are most consistent (FMSD)
+      keep: 0.25               #   the share of layers kept
+      batches: 8               #   training batches the gradients are taken on
     config:                    # the config's keyword arguments
       orthogonality_weight: 0.1
       target_modules: ${targets}
@@ -26,7 +29,7 @@ import ast
 import functools
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,8 @@ _OPERATORS = {
 }
 _FUNCTIONS = {"max": max, "min": min}
 _SPEC_KEYS = {
-    "description", "peft_type", "trains", "preset", "extends", "learning_rates", "asa_keep_ratio", "config"
+    "description", "peft_type", "trains", "preset", "extends", "learning_rates", "asa_keep_ratio", "layer_selection",
+    "config",
 }  # fmt: skip
 
 
@@ -198,13 +202,19 @@ def backbone_context(backbone: str) -> dict[str, Any]:
 
 
 def build_method_model(
-    name: str, backbone: str, context: dict[str, Any], *, pooling: str = "model"
+    name: str,
+    backbone: str,
+    context: dict[str, Any],
+    *,
+    pooling: str = "model",
+    batches: Callable[[int], Iterable[dict[str, Any]]] | None = None,
 ) -> tuple[Any, Callable[[int], Any] | None]:
     """The detector of method ``name`` on ``backbone`` (the recipe's ``build_detector``: 2-way head, the method's
     adapter) and the callback its optimizer steps need (AdaMSS's allocator), or None.
 
     ``peft_type: null`` builds the plain classifier: only the head trains (``trains: head``, the linear probe), or
     every weight (``trains: all``, full fine-tuning). ``context``: ``backbone_context`` plus ``steps``.
+    ``batches(n)``: ``n`` training batches, for a method that chooses its layers from them (``layer_selection``).
     """
     from ..detector import build_detector, head_module_names, load_base_classifier, with_pooling
 
@@ -213,14 +223,33 @@ def build_method_model(
         model = with_pooling(load_base_classifier(backbone, quiet_new_head=True), pooling)
         model.requires_grad_(spec(name).get("trains", "head") == "all")
     else:
+        if spec(name).get("layer_selection"):
+            config.layers_to_transform = _selected_layers(name, backbone, config, pooling, batches)
         model = build_detector(backbone, config, pooling=pooling)
         finish_injection(name, model)  # AdaMSS: its allocator's target, once the total is known
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for head in head_module_names(base):
-        getattr(base, head).requires_grad_(
-            True
-        )  # every method trains the same head (OSF ignores modules_to_save)
+    for head in head_module_names(base):  # every method trains the same head (OSF ignores modules_to_save)
+        getattr(base, head).requires_grad_(True)
     return model, after_optimizer_step(model)
+
+
+def _selected_layers(name: str, backbone: str, config: Any, pooling: str,
+                     batches: Callable[[int], Iterable[dict[str, Any]]] | None) -> list[int]:  # fmt: skip
+    """The layers method ``name``'s ``layer_selection`` keeps: the best ``keep`` share by the gradient
+    bias-variance score over ``batches`` training batches (:mod:`peft_masm.layer_selection`)."""
+    from ..detector import load_base_classifier, with_pooling
+    from ..layer_selection import layer_gradient_scores, select_layers
+    from ..tuner.config import default_target_modules
+    from .step import classification_loss
+
+    selection = spec(name)["layer_selection"]
+    if batches is None:
+        raise ValueError(f"method {name!r} chooses its layers from training batches; none were given")
+    model = with_pooling(load_base_classifier(backbone, quiet_new_head=True), pooling)
+    targets = config.target_modules or default_target_modules(str(model.config.model_type))
+    scores = layer_gradient_scores(model, batches(int(selection.get("batches", 8))),
+                                   lambda m, b: classification_loss(m, b, None), targets)  # fmt: skip
+    return select_layers(scores, float(selection["keep"]))
 
 
 def trainable_parameters(model: Any) -> dict[str, int]:

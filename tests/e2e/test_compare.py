@@ -82,6 +82,23 @@ def test_two_methods_two_seeds_then_resume(config, tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
+def test_a_method_file_of_ones_own_with_layers_chosen_by_gradients(config, tmp_path):
+    # adding a method is adding a file: here FMSD (layers chosen before training), sized for the tiny backbone
+    mine = tmp_path / "fmsd_tiny.yaml"
+    mine.write_text(
+        "extends: fmsd\nlayer_selection: {keep: 0.5, batches: 3}\nconfig: {num_subspaces: 2, subspace_rank: 1}\n"
+    )
+    out = tmp_path / "out"
+    result = compare("--config", str(config), "--methods", f"masm,{mine}", "--seeds", "1", "--learning_rates", "5e-3",
+                     "--output_dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    masm, fmsd, _ = json.loads((out / "summary.json").read_text())["rows"]
+    assert fmsd["method"] == "fmsd_tiny" and (out / "runs" / "fmsd_tiny").is_dir()
+    assert fmsd["adapted_layers"] in ([[0]], [[1]])  # one of the tiny CLIP's two layers
+    # masm: K*k = 8 on both layers' four projections; fmsd_tiny: K*k = 2 on one layer's
+    assert fmsd["trainable_backbone"] * 8 == masm["trainable_backbone"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
