@@ -138,8 +138,9 @@ class MASMConfig(PeftConfig):
 
     Each targeted ``nn.Linear`` weight ``W`` is split by SVD into a frozen principal subspace (the
     top ``d - K*k`` singular triplets) and ``K`` trainable artifact subspaces of rank ``k`` taken
-    from the minor spectrum. ``num_subspaces=1, subspace_rank=1, layer_mask="none"`` and zero
-    regulariser weights is Effort (Yan et al., ICML 2025).
+    from the minor spectrum. ``num_subspaces=1, subspace_rank=1, layer_mask="none"``, zero regulariser
+    weights, ``fit_constraint="none"`` and ``subspace_alpha=None`` is Effort (Yan et al., ICML 2025): the
+    ``effort`` preset of ``peft_masm.presets``.
     """
 
     target_modules: list[str] | set[str] | str | None = field(

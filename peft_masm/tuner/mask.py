@@ -48,8 +48,8 @@ class _Unit:
 class LayerMaskController:
     """Gradient statistics and mask decisions for one adapter of a ``MASMModel``.
 
-    It is given the adapter's layers and config, never the model. Use it through
-    ``MASMModel.update_layer_mask()`` (see there for when to call it). It has ``state_dict()`` /
+    It is given the adapter's layers and config, never the model. The step hooks call its ``step`` inside
+    ``optimizer.step()`` (with ``step_hooks=False``: ``MASMModel.update_layer_mask()``). It has ``state_dict()`` /
     ``load_state_dict()`` so ``accelerator.register_for_checkpointing(controller)`` saves the
     statistics with the training state (the step count is the model's ``step_state``).
     """
