@@ -383,9 +383,8 @@ def run_comparison(
         )
     store, context = RunStore(out, cfg), run_context(cfg, data)
     check_methods(plan.methods, context)
-    swept = all(
-        store.done(r) for r in plan.sweep_runs()
-    )  # the final runs are known once the rates are chosen
+    # the final runs are known once the learning rates are chosen
+    swept = all(store.done(r) for r in plan.sweep_runs())
     known = plan.sweep_runs() + (plan.final_runs(plan.choose(store)) if swept else [])
     done = sum(store.done(r) for r in known)
     log(f"{plan.describe()}; {done} already done in {out}")
