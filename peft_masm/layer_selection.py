@@ -59,31 +59,29 @@ def layer_gradient_scores(
     for params in weights.values():
         for p in params:
             p.requires_grad_(True)
-    sums = {
-        layer: [torch.zeros_like(p, dtype=torch.float64) for p in params] for layer, params in weights.items()
-    }
-    squares = dict.fromkeys(weights, 0.0)
+    flat = [(layer, p) for layer, params in weights.items() for p in params]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for _, p in flat]  # sum over batches of each gradient
+    squares = dict.fromkeys(weights, 0.0)  # sum over batches of each layer's squared gradient norm
     count = 0
     try:
         for batch in batches:
-            grads = torch.autograd.grad(loss_fn(model, batch), [p for ps in weights.values() for p in ps])
-            it = iter(grads)
-            for layer, params in weights.items():
-                for total, _ in zip(sums[layer], params, strict=True):
-                    g = next(it).double()
-                    total += g
-                    squares[layer] += float((g * g).sum())
+            grads = torch.autograd.grad(loss_fn(model, batch), [p for _, p in flat])
+            for total, (layer, _), grad in zip(sums, flat, grads, strict=True):
+                total += grad.double()
+                squares[layer] += float(grad.double().pow(2).sum())
             count += 1
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
     if count < 2:
         raise ValueError("the gradient scores need at least two batches")
+    bias = dict.fromkeys(weights, 0.0)  # each layer's squared norm of the mean gradient
+    for total, (layer, _) in zip(sums, flat, strict=True):
+        bias[layer] += float((total / count).pow(2).sum())
     scores = {}
-    for layer in weights:
-        bias = sum(float((t / count).pow(2).sum()) for t in sums[layer])
-        variance = max(squares[layer] / count - bias, 0.0)
-        scores[layer] = bias / variance if variance > 0 else math.inf
+    for layer, b in bias.items():
+        variance = max(squares[layer] / count - b, 0.0)
+        scores[layer] = b / variance if variance > 0 else math.inf
     return scores
 
 

@@ -41,10 +41,10 @@ def _set_means(runs: list[dict[str, Any]], items: Items) -> dict[str, dict[str, 
     """Per test set: mean frame AUC over seeds, its seed standard deviation, and the mean video AUC if any."""
     out = {}
     for name, item in items.items():
-        labels = np.asarray(item["labels"])
-        aucs = [frame_auc(labels, s) for s in _scores(runs, name)]
+        labels, scores = np.asarray(item["labels"]), _scores(runs, name)
+        aucs = [frame_auc(labels, s) for s in scores]
         row = {"frame_auc": float(np.mean(aucs)), "frame_auc_seed_sd": float(np.std(aucs))}
-        videos = [_video_auc(labels, s, item["video_ids"]) for s in _scores(runs, name)]
+        videos = [_video_auc(labels, s, item["video_ids"]) for s in scores]
         if videos[0] is not None:
             row["video_auc"] = float(np.mean([v for v in videos if v is not None]))
         out[name] = row
