@@ -46,6 +46,7 @@ __all__ = [
     "read_training_config",
     "save_detector",
     "head_module_names",
+    "head_parameter_ids",
     "load_base_classifier",
     "load_detector",
     "load_image_processor",
@@ -227,6 +228,13 @@ def head_module_names(model: nn.Module, num_labels: int = 2) -> list[str]:
             f"{num_labels} outputs); pass modules_to_save explicitly."
         )
     return names
+
+
+def head_parameter_ids(model: nn.Module) -> set[int]:
+    """``id`` of every parameter of ``model``'s classification head (under DDP and PEFT wrappers too, with the
+    trainable copy ``modules_to_save`` keeps)."""
+    base = _unwrap(model)
+    return {id(p) for name in head_module_names(base) for p in getattr(base, name).parameters()}
 
 
 class CLIPPoolerClassifier(nn.Module):

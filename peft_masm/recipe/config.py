@@ -87,7 +87,7 @@ BOOKKEEPING_FIELDS = frozenset(
     }
 )  # fmt: skip
 # Fields whose change on resume is allowed with a warning (the run goes on, but not as it was planned).
-RESUME_WARN_FIELDS = frozenset({"batch_size", "learning_rate", "epochs"})
+RESUME_WARN_FIELDS = frozenset({"batch_size", "learning_rate", "head_learning_rate", "epochs"})
 ADAPTER_SECTIONS = ("masm", "lora")
 
 
@@ -165,6 +165,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     optimizer: Literal["adam", "adamw"] = _f("adam", "Optimizer (Effort uses Adam).")
     learning_rate: float = _f(2e-4, "Peak learning rate.")
+    head_learning_rate: float | None = _f(
+        None,
+        "Peak learning rate of the classification head while the backbone trains too; null: learning_rate. "
+        "A run that trains only the head trains it at learning_rate.",
+    )
     weight_decay: float = _f(5e-4, "Weight decay.")
     lr_scheduler: Literal["constant", "cosine", "linear"] = _f(
         "cosine", "Learning-rate schedule after warm-up."
@@ -178,7 +183,19 @@ class TrainConfig:
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "accelerate mixed precision.")
     cpu: bool = _f(False, "Force the CPU (e.g. several CPU processes under `accelerate launch --multi_gpu`).")
-    balance_classes: bool = _f(True, "Weight the loss by inverse class frequency.")
+    sampling: Literal["shuffle", "balanced"] = _f(
+        "shuffle",
+        "Training batches: the training set shuffled each epoch, or balanced (real and fake in turn, each class "
+        "drawn with replacement).",
+    )
+    samples_per_epoch: int | None = _f(
+        None,
+        "sampling: balanced only: items drawn per epoch, all processes together; null: the training set's size.",
+    )
+    balance_classes: bool = _f(
+        True,
+        "Weight the loss by inverse class frequency (shuffled batches; balanced batches need no weights).",
+    )
     seed: int = _f(42, "Seed of everything (data order, synthesis, initialisation).")
     num_workers: int = _f(0, "DataLoader worker processes.")
     mask_calibration_batches: int = _f(8, "Batches of the static layer mask's calibration pass.")
@@ -235,8 +252,17 @@ class TrainConfig:
         for name in ("warmup_steps", "n_bootstrap", "num_workers", "carphone_frames"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        for name in ("learning_rate", "head_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}.")
+        if self.samples_per_epoch is not None and (
+            self.sampling != "balanced" or self.samples_per_epoch <= 0
+        ):
+            raise ConfigError(
+                f"samples_per_epoch must be a positive integer with sampling: balanced, got {self.samples_per_epoch} "
+                f"with sampling: {self.sampling} (a shuffled epoch is the training set; use max_train_samples)."
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
         if self.test_fraction is not None and not (

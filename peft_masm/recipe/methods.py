@@ -254,10 +254,9 @@ def _selected_layers(name: str, backbone: str, config: Any, pooling: str,
 
 def trainable_parameters(model: Any) -> dict[str, int]:
     """Trainable parameters of ``model``: ``backbone`` (all but the head) and ``head``."""
-    from ..detector import head_module_names
+    from ..detector import head_parameter_ids
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head_ids = {id(p) for name in head_module_names(base) for p in getattr(base, name).parameters()}
+    head_ids = head_parameter_ids(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     head = sum(p.numel() for p in trained if id(p) in head_ids)
     return {"backbone": sum(p.numel() for p in trained) - head, "head": head}

@@ -189,6 +189,28 @@ def test_resume_after_interruption_equals_uninterrupted_run(assets, uninterrupte
     assert _val_lines(full) == _val_lines(cut)
 
 
+def test_balanced_batches_and_a_head_rate_train_and_resume_exactly(assets, tmp_path):
+    """The cross-forgery benchmark's protocol as config fields (``sampling: balanced``, ``samples_per_epoch``,
+    ``head_learning_rate``): two epochs of 5 balanced batches, and a run cut after step 7 resumes to the same
+    adapter as one that nothing stopped."""
+    clip, data = assets
+    protocol = {
+        "sampling": "balanced",
+        "samples_per_epoch": 40,
+        "head_learning_rate": 1e-2,
+        "checkpointing_steps": 2,
+    }
+    full_cfg = write_config(tmp_path / "full.yaml", clip, data, tmp_path / "full", **protocol)
+    cut_cfg = write_config(tmp_path / "cut.yaml", clip, data, tmp_path / "cut", **protocol)
+    full = _train(full_cfg)
+    assert "5 optimizer steps each" in full.stdout
+    _train(cut_cfg, "--stop_after_step", "7")
+    resumed = _train(cut_cfg, "--resume_from_checkpoint", "latest")
+    assert "step_7" in resumed.stdout
+    _same_adapter(tmp_path / "full", tmp_path / "cut")
+    assert _val_lines(tmp_path / "full") == _val_lines(tmp_path / "cut")
+
+
 def _interrupt_during_a_save(cfg: Path, out: Path) -> subprocess.CompletedProcess:
     """Start the recipe as `accelerate launch` does, and press Ctrl-C (SIGINT to the launcher and the
     training process, as a terminal does) while a checkpoint is being written."""
