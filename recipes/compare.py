@@ -35,21 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reference", default="masm", help="the method the others are paired against")
     parser.add_argument("--learning_rates", default=None,
-                        help="comma-separated learning rates for every method (default: each method file's grid)")  # fmt: skip
+                        help="comma-separated learning rates for every method, or method=rate pairs for some "
+                             "(masm=1e-3,lora_r8=3e-4); default: each method file's grid")  # fmt: skip
     parser.add_argument("-h", "--help", action="store_true")
     return parser
+
+
+def learning_rates(text: str) -> list[float] | dict[str, list[float]]:
+    """``--learning_rates``: one grid (``1e-3,3e-3``) or a rate per method (``masm=1e-3,lora_r8=3e-4``)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        if not any("=" in x for x in items):
+            return [float(x) for x in items]
+        pairs = [x.split("=") for x in items]
+        return {name.strip(): [float(rate)] for name, rate in pairs}
+    except ValueError as err:
+        raise ConfigError(
+            f"--learning_rates takes comma-separated numbers or method=rate pairs, got {text!r}"
+        ) from err
 
 
 def plan_from(options: argparse.Namespace, default_learning_rate: float) -> ComparePlan:
     """The runs the options ask for; a bad option is a ``ConfigError`` naming it."""
     if options.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {options.seeds}")
-    try:
-        rates = [float(x) for x in options.learning_rates.split(",")] if options.learning_rates else None
-    except ValueError as err:
-        raise ConfigError(
-            f"--learning_rates takes comma-separated numbers, got {options.learning_rates!r}"
-        ) from err
+    rates = learning_rates(options.learning_rates) if options.learning_rates else None
     names = [m.strip() for m in options.methods.split(",") if m.strip()]
     seed = options.seed
     return ComparePlan(

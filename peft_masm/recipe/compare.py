@@ -68,7 +68,8 @@ class ComparePlan:
     methods: list[str]
     reference: str
     seeds: list[int]
-    learning_rates: list[float] | None = None  # one grid for every method (None: each method file's own)
+    # one grid for every method, or a grid per named method (the others keep their file's); None: each file's own
+    learning_rates: list[float] | dict[str, list[float]] | None = None
     default_learning_rate: float = 2e-4  # for a method file without a grid
     grids: dict[str, list[float]] = field(init=False)
 
@@ -80,6 +81,9 @@ class ComparePlan:
                 f"the reference method {self.reference!r} is not among --methods {','.join(self.methods)}; "
                 f"add it, or pass --reference {self.methods[0]}."
             )
+        if isinstance(self.learning_rates, dict) and set(self.learning_rates) - set(self.methods):
+            raise ConfigError(f"--learning_rates names {sorted(set(self.learning_rates) - set(self.methods))}, not "
+                              f"among --methods {','.join(self.methods)}")  # fmt: skip
         self.grids = {m: self._grid(m) for m in self.methods}
 
     def _grid(self, method: str) -> list[float]:
@@ -87,7 +91,10 @@ class ComparePlan:
             own = registry.spec(method).get("learning_rates")
         except ValueError as err:  # an unknown method, or a method file with an unknown key
             raise ConfigError(str(err)) from err
-        grid = self.learning_rates or own or [self.default_learning_rate]
+        given = (
+            self.learning_rates.get(method) if isinstance(self.learning_rates, dict) else self.learning_rates
+        )
+        grid = given or own or [self.default_learning_rate]
         if not all(isinstance(lr, (int, float)) and lr > 0 for lr in grid):
             raise ConfigError(f"method {method!r}: learning rates must be positive numbers, got {grid}")
         return [float(lr) for lr in grid]
@@ -312,7 +319,7 @@ def run_context(cfg: TrainConfig, data: RecipeData) -> dict[str, Any]:
     return {**registry.backbone_context(cfg.backbone), "steps": optimizer_steps(cfg, len(data.train))}
 
 
-OUTPUT_FILES = ("comparison.json", "summary.json", "table.md", "forest.png")  # besides runs/
+OUTPUT_FILES = ("comparison.json", "summary.json", "table.md", "forest.png", "test_items.json")  # and runs/
 
 
 @contextlib.contextmanager

@@ -173,9 +173,11 @@ def plot_forest(summary: dict[str, Any], path: Path) -> None:
 
 def write_report(out: Path, methods: list[str], reference: str, runs: list[dict[str, Any]], items: Items,
                  top_level: list[str], n_bootstrap: int = 1000) -> dict[str, Any]:  # fmt: skip
-    """Write ``summary.json``, ``table.md`` and ``forest.png`` into ``out``; returns the summary."""
+    """Write ``summary.json``, ``table.md``, ``forest.png`` and ``test_items.json`` (each test set's labels and video
+    ids, which the runs' scores are in the order of) into ``out``; returns the summary."""
     summary = summarise(methods, reference, runs, items, top_level, n_bootstrap)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "test_items.json").write_text(json.dumps(items) + "\n")
     (out / "table.md").write_text(table_markdown(summary))
     plot_forest(summary, out / "forest.png")
     return summary

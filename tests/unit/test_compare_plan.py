@@ -3,12 +3,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
+from recipe_fixtures import RECIPES
 
 from peft_masm.recipe.compare import ComparePlan, Run, RunStore, claim_output_dir, run_identity
 from peft_masm.recipe.config import ConfigError, TrainConfig
+
+
+def _compare_cli():
+    """recipes/compare.py as a module (recipes/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("compare_cli", RECIPES / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_plan_counts_sweep_test_and_noise_runs():
@@ -32,6 +42,22 @@ def test_the_plan_counts_sweep_test_and_noise_runs():
 def test_one_learning_rate_for_all_means_no_sweep():
     plan = ComparePlan(["masm", "lora"], "masm", [0, 1], learning_rates=[5e-3])
     assert plan.sweep_runs() == [] and plan.count() == 4 + 2
+
+
+def test_a_rate_per_named_method_pins_it_and_the_others_keep_their_grid():
+    """The benchmark's protocol on folds 2-6: the rates chosen on validation of folds 0-1, passed per method."""
+    cli = _compare_cli()
+    rates = cli.learning_rates("masm=1e-3, lora=3e-4")
+    assert rates == {"masm": [1e-3], "lora": [3e-4]}
+    plan = ComparePlan(["masm", "lora", "effort"], "masm", [0, 1], learning_rates=rates)
+    assert plan.grids["masm"] == [1e-3] and plan.grids["lora"] == [3e-4]
+    assert {r.method for r in plan.sweep_runs()} == {"effort"}
+    assert cli.learning_rates("1e-3,3e-3") == [1e-3, 3e-3]
+    for bad in ("masm=fast", "1e-3,masm=1e-3", "masm=1e-3=2"):
+        with pytest.raises(ConfigError, match="comma-separated numbers or method=rate pairs"):
+            cli.learning_rates(bad)
+    with pytest.raises(ConfigError, match=r"--learning_rates names \['osf'\], not among --methods masm,lora"):
+        ComparePlan(["masm", "lora"], "masm", [0], learning_rates={"osf": [1e-3]})
 
 
 def test_the_reference_and_the_methods_are_checked_in_one_line():
