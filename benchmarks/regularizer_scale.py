@@ -1,8 +1,9 @@
 """How large are MASM's regularisers, and how hard do they pull, next to the task loss?
 
-Trains the cross-forgery benchmark's full MASM row (``benchmarks/cross_forgery.py``: K=4 x k=2, both
-regularisers at one weight, dynamic layer mask, fit-bound projection) for the benchmark's run length on one
-fold, and at a few steps measures on the step's own batch, before the update:
+Trains the cross-forgery benchmark's full MASM (``masm_swept``: K=4 x k=2, both regularisers at one weight,
+dynamic layer mask, fit-bound projection) as ``recipes/compare.py`` trains it on one fold of
+``recipes/configs/cross_forgery.yaml`` (its balanced batches, head learning rate and run length), and at a few
+steps measures on the step's own batch, before the update:
 
   * each term's value (unweighted, averaged over layers, as ``regularization_loss`` returns it) and its spread
     over layers (min / median / max of the per-layer value);
@@ -26,11 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cross_forgery as bench
 import torch
+from cross_forgery import fold_setup
 
-from peft_masm import TrainingStep
-from peft_masm.detector import load_image_processor
+from peft_masm.recipe.step import classification_loss, prepare_training
 from peft_masm.tuner import stacked
 
 RESULTS = Path(__file__).resolve().parent / "results" / "regularizer_scale"
@@ -56,7 +56,7 @@ def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[s
     """Term values, per-layer spread, gradient norms and subspace movement at the current weights."""
     tuner = model.base_model
     params = [p for n, p in model.named_parameters() if p.requires_grad and "masm_" in n]
-    task = bench.task_loss(model, batch)
+    task = classification_loss(model, batch, None)
     terms = tuner.regularization_loss(compute_all=True)
     grads = {}
     for name, value in (
@@ -72,8 +72,8 @@ def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[s
     movement = [m for moves in tuner.subspace_movement().values() for m in moves]
     return {
         "task_loss": float(task.detach()),
-        "orthogonality": float(terms["orthogonality"]),
-        "spectral": float(terms["spectral"]),
+        "orthogonality": float(terms["orthogonality"].detach()),
+        "spectral": float(terms["spectral"].detach()),
         "orthogonality_per_layer": _spread(per_layer["orthogonality"]),
         "spectral_per_layer": _spread(per_layer["spectral"]),
         "grad_norm": grads,
@@ -85,43 +85,20 @@ def measure(model: Any, batch: dict[str, torch.Tensor], weight: float) -> dict[s
     }
 
 
-def run(backbone: str, weight: float, lr: float, fold_index: int, seed: int, checkpoints: set[int]) -> dict:
+def run(backbone: str, weight: float, lr: float, group: str, seed: int, checkpoints: set[int]) -> dict:
+    from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*newly initialized.*")
     torch.set_num_threads(2)
-    processor = load_image_processor(backbone, image_size=56)
-    faces = bench.forged_faces(56)
-    group = list(bench.mechanism_groups())[fold_index]
-    fold = bench.make_fold(faces, group, processor)
-    ctx = bench.bench_context(backbone, bench.DEFAULT_STEPS)
-    ctx.reg_weight = weight
-    method = bench.METHODS["masm"]
-    model, _ = bench.make_detector(backbone, method, ctx, seed)
-    head_ids = {id(p) for p in bench._head(model.get_base_model()).parameters()}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
-    optimizer = torch.optim.AdamW(
-        [{"params": head, "lr": bench.HEAD_LR}, {"params": body, "lr": lr}], weight_decay=0.0
-    )
-    step = TrainingStep(model, optimizer, bench.task_loss, max_grad_norm=1.0)
-    generator = torch.Generator().manual_seed(seed)
-    train = fold.sets["train"]
-    labels = train["labels"]
-    reals, fakes = torch.nonzero(labels == 0).flatten(), torch.nonzero(labels == 1).flatten()
-    half = bench.DEFAULT_BATCH // 2
-    model.train()
+    overrides = ["--backbone", backbone, "--seed", str(seed), "--learning_rate", str(lr)]
+    cfg, data, model = fold_setup(group, "masm_swept", overrides, reg_weight=weight)
+    step, loader = prepare_training(cfg, Accelerator(cpu=True), model, data)
+    steps = len(loader)
     records = []
-    for index in range(ctx.steps + 1):
-        pick = torch.cat(
-            [
-                reals[torch.randint(len(reals), (half,), generator=generator)],
-                fakes[torch.randint(len(fakes), (half,), generator=generator)],
-            ]
-        )
-        batch = {"pixel_values": train["pixels"][pick], "labels": labels[pick]}
-        if index in checkpoints or index == ctx.steps:
+    for index, batch in enumerate(loader):
+        if index in checkpoints or index == steps - 1:
             record = {"step": index, **measure(model, batch, weight)}
             records.append(record)
             print(
@@ -130,15 +107,14 @@ def run(backbone: str, weight: float, lr: float, fold_index: int, seed: int, che
                 f"(grad x{record['grad_ratio']['spectral']:.3g})  movement {record['movement_rho']['median']:.3g} rho",
                 flush=True,
             )
-        if index < ctx.steps:
-            step(batch)
+        step(batch)
     return {
         "backbone": backbone,
         "fold": group,
         "seed": seed,
         "lr": lr,
         "weight": weight,
-        "steps": ctx.steps,
+        "steps": steps,
         "layers": len(list(model.base_model.masm_layers())),
         "records": records,
     }
@@ -157,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--lr", type=float, default=1e-3, help="adapter learning rate (the benchmark's choice)"
     )
-    parser.add_argument("--fold", type=int, default=0, help="held-out group index (0 = the first sweep fold)")
+    parser.add_argument("--fold", default="blending", help="the held-out mechanism group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--at", default="0,1,5,15", help="steps to measure at, besides the last")
     args = parser.parse_args(argv)

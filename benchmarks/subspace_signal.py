@@ -1,23 +1,21 @@
 """Do MASM's starting subspaces see any signal? For every adapted layer of the benchmark's detector, the energy of
 its inputs along V0 (the minor right singular vectors the subspaces start from) and of its output gradients along
 U0, each relative to a random subspace of the same size (1.0 = as much as a random direction, as LoRA's random A
-sees; 0 = none). One batch of 64 training faces of the cross-forgery benchmark's first fold, DINOv2-S.
+sees; 0 = none). One batch of 64 training faces of the cross-forgery benchmark's blending fold
+(``recipes/configs/cross_forgery.yaml``), DINOv2-S, the benchmark's MASM (``masm_swept_w10``).
 
-Run: ``.venv/bin/python benchmarks/subspace_signal.py`` (about a minute once the benchmark's face cache exists).
+Run: ``.venv/bin/python benchmarks/subspace_signal.py`` (about a minute).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
+from cross_forgery import fold_setup
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cross_forgery as bench  # noqa: E402
-
-from peft_masm.tuner.layer import MASMLayer  # noqa: E402
+from peft_masm.data import collate
+from peft_masm.recipe.step import classification_loss
+from peft_masm.tuner.layer import MASMLayer
 
 
 def relative_energy(rows: torch.Tensor, basis: torch.Tensor) -> tuple[float, float]:
@@ -26,12 +24,9 @@ def relative_energy(rows: torch.Tensor, basis: torch.Tensor) -> tuple[float, flo
     return float((rows @ basis).square().sum()) / basis.shape[1], float(rows.square().sum()) / rows.shape[1]
 
 
-def main(backbone: str = "dinov2-s14", image_size: int = 56) -> None:
+def main(group: str = "blending") -> None:
     torch.set_num_threads(1)
-    processor = bench.load_image_processor(backbone, image_size=image_size)
-    fold = bench.make_fold(bench.forged_faces(image_size), next(iter(bench.mechanism_groups())), processor)
-    ctx = bench.bench_context(backbone, bench.DEFAULT_STEPS)
-    model, _ = bench.make_detector(backbone, bench.METHODS["masm"], ctx, seed=0)
+    cfg, data, model = fold_setup(group, "masm_swept_w10")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MASMLayer)}
     sums = {name: np.zeros(4) for name in layers}
 
@@ -48,16 +43,13 @@ def main(backbone: str = "dinov2-s14", image_size: int = 56) -> None:
 
     for name, layer in layers.items():
         layer.register_forward_hook(hook(name, layer))
-    train = fold.sets["train"]
-    pick = torch.randperm(len(train["labels"]), generator=torch.Generator().manual_seed(0))[:64]
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:64]
     model.train()
-    bench.task_loss(
-        model, {"pixel_values": train["pixels"][pick], "labels": train["labels"][pick]}
-    ).backward()
+    classification_loss(model, collate([data.train[int(i)] for i in pick]), None).backward()
 
     inputs = {name: s[0] / s[1] for name, s in sums.items()}
     grads = {name: s[2] / s[3] for name, s in sums.items()}
-    print(f"{backbone}, {len(layers)} adapted layers, fold {fold.group}, 64 training faces")
+    print(f"{cfg.backbone}, {len(layers)} adapted layers, fold {group}, 64 training faces")
     for label, values in (("input energy along V0", inputs), ("output-gradient energy along U0", grads)):
         v = np.array(list(values.values()))
         print(f"{label} / random subspace: median {np.median(v):.3f}, range {v.min():.4f}..{v.max():.3f}")
