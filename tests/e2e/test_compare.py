@@ -73,6 +73,14 @@ def test_two_methods_two_seeds_then_resume(config, tmp_path):
     table = (out / "table.md").read_text()
     assert "| lora |" in table and "Noise floor: masm trained again with other seeds" in table
     assert (out / "forest.png").stat().st_size > 0
+    items = json.loads(
+        (out / "test_items.json").read_text()
+    )  # the runs' scores, item by item, can be re-analysed
+    assert (
+        len(items["TinyCDF"]["labels"])
+        == len(items["TinyCDF"]["video_ids"])
+        == len(record["test_scores"]["TinyCDF"])
+    )
     # the same command again: nothing is trained again, and the report is the same
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
     again = compare(*args)
