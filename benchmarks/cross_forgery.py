@@ -120,6 +120,8 @@ def run(options: argparse.Namespace) -> None:
                 "--methods", options.methods, "--seeds", str(options.seeds), "--reference", options.reference,
                 "--train_families", ",".join(train), "--test_families", ",".join(test),
                 "--output_dir", str(options.out / group)]  # fmt: skip
+        if options.backbone:
+            args += ["--backbone", options.backbone]
         if group not in SWEEP_FOLDS:
             rates = chosen_rates(options.out, methods)
             if rates:
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--folds", default=None, help="comma-separated mechanism groups (default: all)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--backbone", default=None, help="another backbone than the config's (e.g. clip-vit-b16)"
+    )
     parser.add_argument("--n_bootstrap", type=int, default=1000)
     options = parser.parse_args(argv)
     if options.command == "run":

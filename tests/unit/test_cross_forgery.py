@@ -86,7 +86,7 @@ def test_run_compares_each_fold_sweep_folds_first_and_pins_the_chosen_rates_on_t
         folds.subprocess, "run", lambda args: calls.append(args) or argparse.Namespace(returncode=0)
     )
     options = argparse.Namespace(folds="geometry,blending", methods="lora_r8", seeds=3, reference="lora_r8",
-                                 out=tmp_path)  # fmt: skip
+                                 out=tmp_path, backbone="clip-vit-b16")  # fmt: skip
     folds.run(options)
     blending, geometry = calls
 
@@ -102,6 +102,7 @@ def test_run_compares_each_fold_sweep_folds_first_and_pins_the_chosen_rates_on_t
     assert (
         option(geometry, "--output_dir") == str(tmp_path / "geometry") and option(geometry, "--seeds") == "3"
     )
+    assert option(blending, "--backbone") == option(geometry, "--backbone") == "clip-vit-b16"
     # a method the sweep folds have not swept cannot be pinned: the run stops before that fold
     options.methods = "lora_r8,linear_probe"
     with pytest.raises(SystemExit, match="linear_probe's sweeps on blending, transfer are not finished"):
