@@ -3,12 +3,12 @@
 Each fold is one comparison of ``recipes/configs/cross_forgery.yaml`` with one group's forgery families held out
 (trained on every other group's families), in ``OUT/<group>/``. The sweep folds (blending and transfer) choose each
 method's learning rate on their own validation split; every other fold reuses, per method, the rate with the best
-mean validation AUC over the sweep folds' sweeps (validation only, as the rates of the published table were chosen).
+mean validation AUC over the sweep folds' sweeps (validation only, as the benchmark's earlier engine chose them).
 ``report`` pools the folds: held-out AUC per fold and on average, in-domain AUC (the held-out people's faces with the
 training families), and each method's paired difference to the reference over every fold's held-out test items
 (``peft_masm.metrics.paired``: one bootstrap draw resamples the seeds once for every fold, and each fold's items).
 
-    python benchmarks/cross_forgery.py run --methods masm,lora_r8 --seeds 5 [--folds blending,transfer]
+    python benchmarks/cross_forgery.py run [--folds blending,transfer] [--seeds 5] [--methods ... --reference ...]
     python benchmarks/cross_forgery.py report [--out DIR]
 """
 
