@@ -27,6 +27,8 @@ import numpy as np
 from peft_masm.data.forgeries import families_by_group
 from peft_masm.metrics.paired import PairedScores, frame_auc, paired_difference
 from peft_masm.recipe import methods as registry
+from peft_masm.recipe.data import HELD_OUT_FAMILIES as HELD_OUT
+from peft_masm.recipe.data import SEEN_FAMILIES as IN_DOMAIN
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "recipes" / "configs" / "cross_forgery.yaml"
@@ -36,8 +38,6 @@ SWEEP_FOLDS = ("blending", "transfer")
 DEFAULT_METHODS = (
     "masm_swept_w10,masm,lora_r8,effort,osf,adamss_scheduled,ln_tuning,linear_probe,full_ft,fmsd"
 )
-HELD_OUT = "held-out identities, held-out families"  # the subsets recipe data names (peft_masm.recipe.data)
-IN_DOMAIN = "held-out identities, seen families"
 
 
 def fold_families(group: str) -> tuple[list[str], list[str]]:
@@ -67,16 +67,12 @@ def fold_setup(
     import torch
 
     from peft_masm.detector import load_image_processor
+    from peft_masm.recipe.compare import run_context
     from peft_masm.recipe.data import build_data
-    from peft_masm.recipe.step import optimizer_steps
 
     cfg = fold_config(group, *overrides)
     data = build_data(cfg, load_image_processor(cfg.backbone, cfg.image_size))
-    names = {
-        **registry.backbone_context(cfg.backbone),
-        "steps": optimizer_steps(cfg, len(data.train)),
-        **context,
-    }
+    names = {**run_context(cfg, data), **context}  # loads the backbone: before the seed is set
     torch.manual_seed(cfg.seed)
     model, _ = registry.build_method_model(method, cfg.backbone, names, pooling=cfg.pooling)
     return cfg, data, model

@@ -42,13 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def learning_rates(text: str) -> list[float] | dict[str, list[float]]:
-    """``--learning_rates``: one grid (``1e-3,3e-3``) or a rate per method (``masm=1e-3,lora_r8=3e-4``)."""
+    """``--learning_rates``: one grid (``1e-3,3e-3``) or rates per method (``masm=1e-3,lora_r8=3e-4``; a method
+    named twice gets both rates as its grid)."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     try:
         if not any("=" in x for x in items):
             return [float(x) for x in items]
-        pairs = [x.split("=") for x in items]
-        return {name.strip(): [float(rate)] for name, rate in pairs}
+        grids: dict[str, list[float]] = {}
+        for name, rate in (x.split("=") for x in items):  # a name given twice: a grid of its rates
+            grids.setdefault(name.strip(), []).append(float(rate))
+        return grids
     except ValueError as err:
         raise ConfigError(
             f"--learning_rates takes comma-separated numbers or method=rate pairs, got {text!r}"

@@ -30,7 +30,11 @@ from ..data import (
 from ..data.io import UnusableFileError
 from .config import ConfigError, TestSetConfig, TrainConfig
 
-__all__ = ["RecipeData", "build_data", "labels_of", "load_test_set"]
+__all__ = ["HELD_OUT_FAMILIES", "RecipeData", "SEEN_FAMILIES", "build_data", "labels_of", "load_test_set"]
+
+# The synthetic data's test subsets of held-out people: with the held-out forgery families, and with the trained ones.
+HELD_OUT_FAMILIES = "held-out identities, held-out families"
+SEEN_FAMILIES = "held-out identities, seen families"
 
 
 @dataclass
@@ -169,9 +173,9 @@ def _synthetic(cfg: TrainConfig, processor: Any) -> RecipeData:
             keep = set(families) | {"real"}
             return whole, [i for i, f in enumerate(fam) if f in keep]
 
-        subsets["held-out identities, seen families"] = rows(cfg.train_families)
+        subsets[SEEN_FAMILIES] = rows(cfg.train_families)
         if cfg.test_families:
-            subsets["held-out identities, held-out families"] = rows(cfg.test_families)
+            subsets[HELD_OUT_FAMILIES] = rows(cfg.test_families)
             for f in cfg.test_families:
                 subsets[f"held-out family: {f}"] = rows([f])
     train_labels = [int(v) for v in train["label"]]

@@ -53,6 +53,7 @@ def test_a_rate_per_named_method_pins_it_and_the_others_keep_their_grid():
     assert plan.grids["masm"] == [1e-3] and plan.grids["lora"] == [3e-4]
     assert {r.method for r in plan.sweep_runs()} == {"effort"}
     assert cli.learning_rates("1e-3,3e-3") == [1e-3, 3e-3]
+    assert cli.learning_rates("masm=1e-3,masm=3e-3") == {"masm": [1e-3, 3e-3]}  # not the last one silently
     for bad in ("masm=fast", "1e-3,masm=1e-3", "masm=1e-3=2"):
         with pytest.raises(ConfigError, match="comma-separated numbers or method=rate pairs"):
             cli.learning_rates(bad)
